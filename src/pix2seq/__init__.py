@@ -1,0 +1,1 @@
+"""Stable-Pix2Seq: Pix2Seq object detection."""

@@ -1,0 +1,438 @@
+"""One typed configuration, loaded from ``params.yaml`` with ``key.sub=value`` overrides.
+
+Every section is a dataclass. Loading rejects unknown keys, wrong types and impossible values
+with a :class:`ConfigError` whose message names the offending key (``train.lr``), so a typo in
+``params.yaml`` or on the command line fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message starts with the dotted key."""
+
+
+@dataclass
+class GeneratedDataConfig:
+    """The offline dataset of coloured shapes on textured backgrounds (``data.source: generated``)."""
+
+    image_size: int = 128
+    num_train: int = 2000
+    num_val: int = 200
+    num_classes: int = 4
+    min_objects: int = 1
+    max_objects: int = 6
+    min_object_size: int = 8
+    max_object_size: int = 48
+    seed: int = 0
+
+
+@dataclass
+class DownloadConfig:
+    """Where COCO 2017 comes from and how much of it (``data.source: coco``)."""
+
+    base_url: str = "http://images.cocodataset.org"
+    # all: train2017 + val2017 + annotations; val: val2017 + annotations only.
+    subset: Literal["all", "val"] = "all"
+    max_train_images: int = 0  # > 0: keep only the first N train images (small disks).
+    workers: int = 4
+    timeout_s: float = 60.0
+    retries: int = 3
+    verify_checksums: bool = True
+
+
+@dataclass
+class PrepareConfig:
+    max_bad_fraction: float = 0.01  # fail the stage when more images than this are unreadable
+    min_box_size: float = 1.0  # boxes narrower or shorter than this (pixels) are dropped
+    check_images: bool = True  # decode every image once to catch truncated files
+
+
+@dataclass
+class DataConfig:
+    source: Literal["generated", "coco"] = "generated"
+    root: str = "data/generated"  # dataset root: <root>/annotations, <root>/<split images>
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    prepared_dir: str = "data/prepared"  # manifests written by the prepare stage
+    image_size: int = 640  # side of the square padded canvas the model sees
+    augment: Literal["lsj", "detr", "none"] = "lsj"
+    scale_min: float = 0.3  # large-scale jitter range
+    scale_max: float = 2.0
+    hflip: float = 0.5
+    detr_scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640])
+    detr_crop: bool = True
+    color_jitter: float = 0.0
+    num_workers: int = 2
+    max_val_images: int = 0  # > 0: evaluate on the first N validation images only
+    generated: GeneratedDataConfig = field(default_factory=GeneratedDataConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+
+@dataclass
+class TokenizerConfig:
+    """Boxes <-> tokens and the sequence augmentation (spec sections 1-3)."""
+
+    bins: int = 1000
+    max_instances: int = 100
+    vocab_size: int = 0  # 0: derived (specials + classes + bins); else a fixed size that must fit
+    random_order: bool = True
+    augment_sequence: bool = True  # fill every training sequence to max_instances with noise objects
+    noise_duplicates: bool = True
+    noise_shifted: bool = True
+    noise_random: bool = True
+    noise_class: Literal["noise", "random"] = "noise"  # target class of noise objects
+    noise_coord_weight: float = 0.0
+    noise_class_weight: float = 1.0
+    eos_weight: float = 0.1
+    class_corruption: bool = True  # input class tokens -> random class / NOISE
+    input_dropout: float = 0.0  # probability of replacing an input token by a random one of its type
+    jitter_std: float = 0.05  # duplicates: truncated-normal jitter, fraction of box size
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    pretrained: bool = False  # torchvision ImageNet weights (downloaded by torchvision on first use)
+    backbone_stage: Literal["layer3", "layer4"] = "layer4"  # layer4 = C5 (stride 32)
+    d_model: int = 256
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    heads: int = 8
+    mlp_dim: int = 1024
+    dropout: float = 0.1
+    drop_path: float = 0.1
+    attention: Literal["auto", "sdpa", "math"] = "auto"  # auto: SDPA on GPU, matmul+softmax on CPU
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    max_minutes: float = 0.0  # > 0: a wall-clock budget; the schedule is laid out over it
+    batch_size: int = 4  # distinct images per process per step
+    batch_repeat: int = 2  # k augmented copies of every image in a batch
+    accumulate: int = 1
+    lr: float = 5e-4
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_epochs: float = 10.0
+    warmup_fraction: float = 0.0  # > 0 overrides warmup_epochs (fraction of all steps)
+    final_lr_fraction: float = 0.0
+    grad_clip: float = 0.1
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    compile: bool = False
+    channels_last: bool = False
+    fused_adamw: bool = True  # used on CUDA only
+    eval_every_epochs: int = 10
+    eval_every_minutes: float = 0.0  # > 0: also evaluate on this wall-clock period
+    checkpoint_every_steps: int = 500
+    keep_checkpoints: int = 2
+    log_every_steps: int = 20
+    output_dir: str = "runs/train"
+    resume: Literal["auto", "never"] = "auto"
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    decoding: Literal["greedy", "nucleus", "beam"] = "greedy"
+    top_p: float = 0.4
+    temperature: float = 1.0
+    beam_size: int = 4
+    constrained: bool = True
+    backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
+    num_vis: int = 16  # images in the prediction grid
+    output_dir: str = "reports/eval"
+    checkpoint: str = ""  # empty: <train.output_dir>/best.pt
+
+
+@dataclass
+class TuneConfig:
+    study_name: str = "pix2seq"
+    storage: str = "sqlite:///optuna.db"
+    n_trials: int = 20
+    timeout_minutes: float = 0.0
+    lr_min: float = 1e-4
+    lr_max: float = 3e-3
+    repeat_min: int = 1
+    repeat_max: int = 3
+    sampler_seed: int = 0
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    trial_minutes: float = 0.0  # training budget per trial (wall clock); 0: use train.epochs
+    trial_epochs: int = 0
+    heartbeat_s: int = 60
+    output: str = "reports/best_params.json"
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "pix2seq"
+    model_name: str = "pix2seq"  # registered model; alias 'champion' follows the best AP
+    register: bool = True
+    log_system_metrics: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 5e-4, ...}``: the whole config as MLflow-style params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, d: dict[str, Any]) -> None:
+            for k, v in d.items():
+                key = f"{prefix}{k}"
+                if isinstance(v, dict):
+                    walk(key + ".", v)
+                else:
+                    out[key] = v
+
+        walk("", self.to_dict())
+        return out
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; YAML ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        last: ConfigError | None = None
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as e:
+                last = e
+        raise last or ConfigError(f"{key}: bad value {value!r}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            key = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else k
+        kwargs[k] = _coerce(key, v, hints[k])
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """``["train.lr=1e-3", "model.backbone=resnet18"]`` -> ``[(key, yaml-parsed value), ...]``."""
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{item}: an override must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"{item}: empty key")
+        out.append((key, yaml.safe_load(raw) if raw != "" else ""))
+    return out
+
+
+def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    tree = dict(values or {})
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy through plain types
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (YAML), apply ``overrides`` and validate. ``path=None``: defaults only."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+    try:
+        return config_from_dict(values, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {path})" if path else str(e)) from None
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename: readers never see half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def num_specials() -> int:
+    """PAD/EOS, the detection prompt and NOISE (see :mod:`pix2seq.vocab`)."""
+    return 3
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values fail here, named by key."""
+    d, g, t, m, tr, e, tu = cfg.data, cfg.data.generated, cfg.tokenizer, cfg.model, cfg.train, cfg.eval, cfg.tune
+    _check(d.image_size >= 32, "data.image_size", f"must be >= 32, got {d.image_size}")
+    _check(0 < d.scale_min <= d.scale_max, "data.scale_min", "need 0 < scale_min <= scale_max")
+    _check(0.0 <= d.hflip <= 1.0, "data.hflip", "must be a probability in [0, 1]")
+    _check(len(d.detr_scales) > 0 and all(s > 0 for s in d.detr_scales), "data.detr_scales", "need positive sizes")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(g.image_size >= 32, "data.generated.image_size", "must be >= 32")
+    _check(g.num_train >= 1 and g.num_val >= 1, "data.generated.num_train", "need at least one train and val image")
+    _check(g.num_classes >= 1, "data.generated.num_classes", "must be >= 1")
+    _check(0 <= g.min_objects <= g.max_objects, "data.generated.min_objects", "need 0 <= min_objects <= max_objects")
+    _check(
+        2 <= g.min_object_size <= g.max_object_size < g.image_size,
+        "data.generated.max_object_size",
+        "need 2 <= min_object_size <= max_object_size < image_size",
+    )
+    _check(d.download.workers >= 1, "data.download.workers", "must be >= 1")
+    _check(d.download.max_train_images >= 0, "data.download.max_train_images", "must be >= 0")
+    _check(0.0 <= d.prepare.max_bad_fraction <= 1.0, "data.prepare.max_bad_fraction", "must be in [0, 1]")
+
+    _check(t.bins >= 2, "tokenizer.bins", f"must be >= 2, got {t.bins}")
+    _check(t.max_instances >= 1, "tokenizer.max_instances", "must be >= 1")
+    _check(0.0 <= t.input_dropout < 1.0, "tokenizer.input_dropout", "must be in [0, 1)")
+    for k in ("noise_coord_weight", "noise_class_weight", "eos_weight", "jitter_std"):
+        _check(getattr(t, k) >= 0, f"tokenizer.{k}", "must be >= 0")
+    if t.vocab_size and cfg.data.source == "generated":
+        need = num_specials() + g.num_classes + t.bins
+        _check(
+            t.vocab_size >= need,
+            "tokenizer.vocab_size",
+            f"{t.vocab_size} cannot hold {g.num_classes} categories + {t.bins} bins + "
+            f"{num_specials()} special tokens (needs {need})",
+        )
+
+    _check(m.d_model > 0 and m.heads > 0, "model.d_model", "must be positive")
+    _check(m.d_model % m.heads == 0, "model.heads", f"d_model {m.d_model} is not divisible by heads {m.heads}")
+    _check(m.encoder_layers >= 0, "model.encoder_layers", "must be >= 0")
+    _check(m.decoder_layers >= 1, "model.decoder_layers", "must be >= 1")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    _check(0.0 <= m.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")
+
+    _check(tr.lr > 0, "train.lr", f"must be positive, got {tr.lr}")
+    _check(tr.backbone_lr_mult >= 0, "train.backbone_lr_mult", "must be >= 0")
+    _check(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas), "train.betas", "need two values in [0, 1)")
+    _check(tr.epochs >= 1, "train.epochs", "must be >= 1")
+    _check(tr.max_minutes >= 0, "train.max_minutes", "must be >= 0")
+    _check(tr.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(tr.batch_repeat >= 1, "train.batch_repeat", "must be >= 1")
+    _check(tr.accumulate >= 1, "train.accumulate", "must be >= 1")
+    _check(tr.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+    _check(0 <= tr.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
+    _check(0 <= tr.final_lr_fraction <= 1, "train.final_lr_fraction", "must be in [0, 1]")
+    _check(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _check(tr.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
+    _check(tr.eval_every_epochs >= 0, "train.eval_every_epochs", "must be >= 0")
+
+    _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+    _check(e.temperature > 0, "eval.temperature", "must be positive")
+    _check(e.beam_size >= 1, "eval.beam_size", "must be >= 1")
+
+    _check(0 < tu.lr_min <= tu.lr_max, "tune.lr_min", "need 0 < lr_min <= lr_max")
+    _check(1 <= tu.repeat_min <= tu.repeat_max, "tune.repeat_min", "need 1 <= repeat_min <= repeat_max")
+    _check(tu.n_trials >= 1, "tune.n_trials", "must be >= 1")
+    _check(tu.timeout_minutes >= 0 and tu.trial_minutes >= 0, "tune.trial_minutes", "must be >= 0")
