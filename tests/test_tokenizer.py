@@ -1,0 +1,190 @@
+"""Vocabulary layout, quantisation and the sequence augmentation invariants (spec sections 1-3, 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pix2seq.config import TokenizerConfig
+from pix2seq.tokenizer import (
+    build_sequence,
+    noise_boxes,
+    sequence_length,
+    sequence_to_objects,
+    tokens_to_detections,
+    truncated_normal,
+)
+from pix2seq.vocab import EOS, NOISE, PAD, PROMPT, Vocab
+
+
+def _boxes(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 0.6
+    wh = 0.05 + torch.rand(n, 2, generator=g) * 0.3
+    return torch.cat([xy, xy + wh], 1), torch.randint(0, 5, (n,), generator=g)
+
+
+def test_vocab_ranges_disjoint_and_derived():
+    v = Vocab(num_classes=80, bins=1000)
+    assert v.vocab_size == 3 + 80 + 1000
+    assert {PAD, PROMPT, NOISE}.isdisjoint(range(v.class_start, v.class_end))
+    assert v.class_end <= v.coord_start and v.coord_end == v.vocab_size
+    assert Vocab(num_classes=4, bins=128, vocab_size=3000).vocab_size == 3000
+    coord, cls = v.allowed_mask("coord"), v.allowed_mask("class")
+    assert int(coord.sum()) == 1000 and int(cls.sum()) == 81 and not (coord & cls).any()
+    assert cls[NOISE] and not cls[PAD]
+
+
+@pytest.mark.parametrize("bins", [2, 7, 128, 1000])
+def test_quantise_within_half_a_bin(bins):
+    v = Vocab(num_classes=3, bins=bins)
+    x = torch.linspace(0, 1, 1001)
+    q = v.quantize(x)
+    assert bool(v.is_coord(q).all())
+    assert (v.dequantize(q) - x).abs().max() <= 0.5 / (bins - 1) + 1e-6
+    assert int(v.quantize(torch.tensor([-0.3, 1.7]))[0]) == v.coord_start
+    assert int(v.quantize(torch.tensor([1.7]))[0]) == v.coord_end - 1
+
+
+def test_boxes_tokens_boxes_identity():
+    v = Vocab(num_classes=5, bins=256)
+    cfg = TokenizerConfig(bins=256, max_instances=10)
+    boxes, labels = _boxes(7)
+    inp, tgt, w = build_sequence(boxes, labels, v, cfg, train=False)
+    back, back_labels = sequence_to_objects(tgt, v)
+    assert torch.equal(back_labels, labels)
+    assert (back - boxes).abs().max() <= 0.5 / 255 + 1e-6
+    # eval sequences: real tokens then EOS, weights 1 then eos_weight
+    assert int(tgt[35]) == EOS and bool((w[:35] == 1).all()) and bool((w[35:] == cfg.eos_weight).all())
+    assert int(inp[0]) == PROMPT and torch.equal(inp[1:36], tgt[:35])
+
+
+def test_random_order_permutes_objects():
+    v = Vocab(num_classes=5, bins=256)
+    cfg = TokenizerConfig(bins=256, max_instances=10, augment_sequence=False, class_corruption=False)
+    boxes, labels = _boxes(6)
+    orders = set()
+    for s in range(10):
+        _, tgt, _ = build_sequence(boxes, labels, v, cfg, torch.Generator().manual_seed(s))
+        b, _ = sequence_to_objects(tgt, v)
+        assert b.shape == (6, 4)
+        orders.add(tuple(b[:, 0].tolist()))
+        # the same set of boxes, whatever the order
+        assert torch.allclose(b[b[:, 0].argsort()], v.dequantize(v.quantize(boxes))[boxes[:, 0].argsort()])
+    assert len(orders) > 1
+
+
+def test_augmentation_invariants():
+    v = Vocab(num_classes=5, bins=128)
+    cfg = TokenizerConfig(bins=128, max_instances=12)
+    boxes, labels = _boxes(4)
+    T = sequence_length(12)
+    for s in range(20):
+        inp, tgt, w = build_sequence(boxes, labels, v, cfg, torch.Generator().manual_seed(s))
+        assert inp.shape == tgt.shape == w.shape == (T,)
+        objs = tgt[:-1].reshape(12, 5)
+        wo = w[:-1].reshape(12, 5)
+        # filled to max_instances: 4 real objects, 8 noise objects, EOS only in the last slot
+        assert int(tgt[-1]) == EOS and not bool((objs == EOS).any())
+        real, noise = objs[:4], objs[4:]
+        assert bool((noise[:, 4] == NOISE).all()), "noise class target is NOISE"
+        assert bool((wo[4:, :4] == 0).all()), "noise coordinates weigh 0"
+        assert bool((wo[4:, 4] == 1).all()) and bool((wo[:4] == 1).all())
+        assert bool(v.is_coord(objs[:, :4]).all()) and bool(v.is_class(real[:, 4]).all())
+        # targets keep the true classes; input class tokens are all corrupted (random class or NOISE)
+        assert sorted(v.token_to_label(real[:, 4]).tolist()) == sorted(labels.tolist())
+        in_objs = inp[1:].reshape(12, 5)
+        assert torch.equal(in_objs[:, :4], objs[:, :4]), "coordinates are fed as they are"
+        assert bool((v.is_class(in_objs[:, 4]) | (in_objs[:, 4] == NOISE)).all())
+
+
+def test_class_corruption_changes_inputs_only():
+    v = Vocab(num_classes=20, bins=64)
+    boxes, labels = _boxes(8)
+    on = TokenizerConfig(bins=64, max_instances=8, augment_sequence=False)
+    off = TokenizerConfig(bins=64, max_instances=8, augment_sequence=False, class_corruption=False)
+    g = torch.Generator().manual_seed(0)
+    inp, tgt, _ = build_sequence(boxes, labels, v, on, g)
+    in_cls, tgt_cls = inp[1:41].reshape(8, 5)[:, 4], tgt[:40].reshape(8, 5)[:, 4]
+    assert (in_cls == NOISE).any() and (in_cls != tgt_cls).any()
+    inp2, tgt2, _ = build_sequence(boxes, labels, v, off, torch.Generator().manual_seed(0))
+    assert torch.equal(inp2[1:41], tgt2[:40])
+
+
+def test_empty_image():
+    v = Vocab(num_classes=3, bins=64)
+    cfg = TokenizerConfig(bins=64, max_instances=5)
+    none = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    inp, tgt, w = build_sequence(*none, v, cfg, torch.Generator().manual_seed(1))
+    objs = tgt[:-1].reshape(5, 5)
+    assert bool((objs[:, 4] == NOISE).all()) and bool((w[:-1].reshape(5, 5)[:, :4] == 0).all())
+    # evaluation: just EOS and padding
+    inp, tgt, w = build_sequence(*none, v, cfg, train=False)
+    assert bool((tgt == PAD).all()) and int(inp[0]) == PROMPT and bool((inp[1:] == PAD).all())
+    assert bool((w == cfg.eos_weight).all())
+
+
+def test_more_objects_than_max_instances_are_truncated():
+    v = Vocab(num_classes=5, bins=64)
+    cfg = TokenizerConfig(bins=64, max_instances=3)
+    boxes, labels = _boxes(9)
+    inp, tgt, w = build_sequence(boxes, labels, v, cfg, torch.Generator().manual_seed(0))
+    assert tgt.shape == (16,) and int(tgt[15]) == EOS
+    assert bool(v.is_class(tgt[:15].reshape(3, 5)[:, 4]).all())
+
+
+def test_noise_kinds_and_seed_variant():
+    v = Vocab(num_classes=5, bins=64)
+    boxes, labels = _boxes(2)
+    g = torch.Generator().manual_seed(0)
+    dup_only = TokenizerConfig(noise_shifted=False, noise_random=False)
+    nb = noise_boxes(boxes, 50, dup_only, g)
+    assert nb.shape[0] <= 50 and bool(((nb >= 0) & (nb <= 1)).all())
+    shift_only = TokenizerConfig(noise_duplicates=False, noise_random=False)
+    nb = noise_boxes(boxes, 40, shift_only, g)
+    real_sizes = boxes[:, 2:] - boxes[:, :2]  # (2, 2)
+    inside = ((nb > 0) & (nb < 1)).all(1)
+    assert inside.sum() > 10
+    shifted_sizes = (nb[:, 2:] - nb[:, :2])[inside]  # unclipped shifted boxes keep a real box's size
+    dist = (shifted_sizes[:, None] - real_sizes[None]).abs().amax(-1).amin(-1)
+    assert float(dist.max()) < 1e-5
+    # the seed's variant: random boxes with random real classes, weighted 0.01
+    seed_cfg = TokenizerConfig(bins=64, max_instances=6, noise_duplicates=False, noise_shifted=False,
+                               noise_class="random", noise_coord_weight=0.01, noise_class_weight=0.01)
+    _, tgt, w = build_sequence(boxes, labels, v, seed_cfg, torch.Generator().manual_seed(0))
+    noise = tgt[10:30].reshape(4, 5)
+    assert bool(v.is_class(noise[:, 4]).all())
+    assert torch.allclose(w[10:30], torch.full((20,), 0.01))
+
+
+def test_input_dropout_keeps_token_types():
+    v = Vocab(num_classes=5, bins=64)
+    cfg = TokenizerConfig(bins=64, max_instances=10, input_dropout=0.5, class_corruption=False)
+    boxes, labels = _boxes(10)
+    inp, tgt, _ = build_sequence(boxes, labels, v, cfg, torch.Generator().manual_seed(0))
+    objs = inp[1:].reshape(10, 5)
+    assert bool(v.is_coord(objs[:, :4]).all()) and bool(v.is_class(objs[:, 4]).all())
+    assert (inp[1:] != tgt[:-1]).float().mean() > 0.2
+
+
+def test_truncated_normal_bounds():
+    x = truncated_normal((20000,), 0.5, torch.Generator().manual_seed(0))
+    assert x.abs().max() <= 1.0 + 1e-6 and abs(float(x.mean())) < 0.02
+
+
+def test_tokens_to_detections_maps_back_to_original_pixels():
+    v = Vocab(num_classes=3, bins=1000)
+    # a 200x100 (h x w) image resized by 0.5 into a 128 canvas: box (10, 20, 60, 180) xyxy
+    canvas, scale = 128, 0.5
+    box = torch.tensor([[10.0, 20.0, 60.0, 180.0]])
+    toks = v.quantize((box * scale / canvas)[:, [1, 0, 3, 2]]).reshape(-1)
+    tokens = torch.cat([toks, torch.tensor([v.class_start + 2])])[None]
+    probs = torch.tensor([[[0.1, 0.2, 0.7]]])
+    det = tokens_to_detections(tokens, probs, v, canvas, torch.tensor([scale]), torch.tensor([[200, 100]]))[0]
+    assert int(det["labels"][0]) == 2 and float(det["scores"][0]) == pytest.approx(0.7)
+    assert torch.allclose(det["boxes"], box, atol=canvas / scale / 999)
+    # boxes are clipped to the image
+    big = v.quantize(torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    tokens = torch.cat([big, torch.tensor([v.class_start])])[None]
+    det = tokens_to_detections(tokens, probs, v, canvas, torch.tensor([scale]), torch.tensor([[200, 100]]))[0]
+    assert det["boxes"].tolist() == [[0.0, 0.0, 100.0, 200.0]]
