@@ -1,0 +1,38 @@
+"""DVC stage ``prepare``: validate the COCO-format dataset in data.root and write the manifests.
+
+Usage: python pipeline/prepare.py [key.sub=value ...]   (reads params.yaml; logic in pix2seq.data.prepare)
+Writes data.prepared_dir/<split>.json, data.prepared_dir/issues.json and reports/prepare.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pix2seq.config import ConfigError, load_config
+from pix2seq.data.prepare import PrepareError, run_prepare
+
+REPORT = "reports/prepare.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config("params.yaml", sys.argv[1:] if argv is None else argv)
+        report = run_prepare(cfg, REPORT)
+    except (ConfigError, PrepareError) as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 1
+    splits = [k for k in report if isinstance(report[k], dict)]
+    for s in splits:
+        r = report[s]
+        print(
+            f"prepare: {s}: {r['images_kept']} images, {r['boxes_kept']} boxes ({r['images_bad']} bad images, "
+            f"{r['boxes_dropped']} boxes dropped)"
+        )
+    print(f"prepare: report in {REPORT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The prepare stage on a hand-made COCO fixture with every kind of problem."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torchvision.io import encode_jpeg, encode_png
+
+from pix2seq.config import PrepareConfig
+from pix2seq.data.prepare import PrepareError, load_coco_json, prepare_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+# torchvision 0.29 deprecates its image codecs (TorchCodec is not a dependency); they are what we test
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities:DeprecationWarning"
+)
+
+
+def _jpeg(h: int, w: int) -> bytes:
+    img = torch.zeros(3, h, w, dtype=torch.uint8)
+    img[0, h // 4 : h // 2, w // 4 : w // 2] = 255
+    return bytes(encode_jpeg(img, quality=90).numpy())
+
+
+def _write_split(
+    root: Path, split: str, images: list[dict], anns: list[dict], cats: list[dict], files: dict
+) -> None:
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (root / split / name).write_bytes(data)
+    coco = {"images": images, "annotations": anns, "categories": cats}
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
+CATS = [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}, {"id": 11, "name": "eleven"}]
+
+
+def _im(i: int, w: int = 40, h: int = 30) -> dict:
+    return {"id": i, "file_name": f"{i:06d}.jpg", "width": w, "height": h}
+
+
+def _ann(aid: int, iid: int, bbox, cat: int = 3, crowd: int = 0) -> dict:
+    return {"id": aid, "image_id": iid, "category_id": cat, "bbox": bbox, "area": 1.0, "iscrowd": crowd}
+
+
+@pytest.fixture
+def fixture_root(tmp_path) -> Path:
+    """train: 10 images, one truncated JPEG (id 2) and one missing file (id 4); every box problem."""
+    root = tmp_path / "ds"
+    good = _jpeg(30, 40)
+    images = [_im(i) for i in range(1, 11)]
+    images[4] = {"id": 5, "file_name": "000005.png", "width": 40, "height": 30}
+    files = {f"{i:06d}.jpg": good for i in range(1, 11) if i not in (2, 4, 5)}
+    files["000002.jpg"] = good[: len(good) // 2]  # truncated
+    files["000005.png"] = bytes(encode_png(torch.zeros(3, 30, 40, dtype=torch.uint8)).numpy())
+    anns = [
+        _ann(101, 1, [5, 5, 10, 10], cat=3),  # good
+        _ann(102, 1, [30, 20, 20, 20], cat=11),  # partly outside: clamped to [30, 20, 40, 30]
+        _ann(103, 3, [50, 40, 5, 5]),  # entirely outside the 40x30 image
+        _ann(104, 3, [10, 10, 0, 0]),  # zero area
+        _ann(105, 3, [1, 1, 10, 10], crowd=1),  # crowd
+        _ann(106, 6, [1, 1, 10, 10], cat=99),  # unknown category id
+        _ann(107, 999, [1, 1, 10, 10]),  # unknown image id
+        _ann(108, 6, [1, 1, "x", 10]),  # malformed bbox
+        _ann(109, 2, [1, 1, 10, 10]),  # on the truncated image
+        _ann(110, 5, [2, 2, 8, 8], cat=7),  # on the PNG
+        _ann(111, 7, [0.5, 0.5, 0.6, 12]),  # narrower than min_box_size 1
+    ]
+    _write_split(root, "train2017", images, anns, CATS, files)
+    _write_split(root, "val2017", [_im(1)], [_ann(201, 1, [0, 0, 40, 30], cat=7)], CATS, {"000001.jpg": good})
+    return root
+
+
+def _prepare(root: Path, tmp_path: Path, **pcfg):
+    out = tmp_path / "prepared"
+    report = tmp_path / "reports" / "prepare.json"
+    cfg = PrepareConfig(**{"max_bad_fraction": 0.5, **pcfg})
+    result = prepare_dataset(root, ["train2017", "val2017"], out, report, cfg, workers=2, progress=False)
+    return result, out, report
+
+
+def test_every_problem_is_counted_and_named(fixture_root, tmp_path):
+    result, out, report_path = _prepare(fixture_root, tmp_path)
+    assert json.loads(report_path.read_text()) == result
+    tr = result["train2017"]
+    assert tr["images_total"] == 10 and tr["images_kept"] == 8 and tr["images_bad"] == 2
+    assert tr["images_bad_by_reason"]["corrupt"] == 1 and tr["images_bad_by_reason"]["missing"] == 1
+    assert tr["images_bad_fraction"] == pytest.approx(0.2)
+    drop = tr["boxes_dropped_by_reason"]
+    assert drop == {
+        "crowd": 1,
+        "degenerate": 2,
+        "outside_image": 1,
+        "unknown_category": 1,
+        "unknown_image": 1,
+        "malformed": 1,
+        "bad_image": 1,
+    }
+    assert tr["boxes_total"] == 11 and tr["boxes_kept"] == 3 and tr["boxes_clamped"] == 1
+    assert tr["boxes_dropped"] == 8
+
+    issues = json.loads((out / "issues.json").read_text())["train2017"]
+    text = "\n".join(issues)
+    assert "000002.jpg: cannot decode" in text
+    assert "000004.jpg: image file not found" in text
+    ann_file = str(fixture_root / "annotations" / "instances_train2017.json")
+    assert f"{ann_file}: annotation 106: field 'category_id' 99 is not a known category" in text
+    assert f"{ann_file}: annotation 107: field 'image_id' 999 is not in images" in text
+    assert f"{ann_file}: annotation 108: field 'bbox' must be 4 finite numbers" in text
+    assert f"{ann_file}: annotation 103: box" in text and "outside" in text
+    assert f"{ann_file}: annotation 104: box" in text
+
+
+def test_manifest_contents(fixture_root, tmp_path):
+    _, out, _ = _prepare(fixture_root, tmp_path)
+    m = json.loads((out / "train2017.json").read_text())
+    # contiguous labels sorted by category id: 3 -> 0, 7 -> 1, 11 -> 2
+    assert m["categories"] == [
+        {"id": 3, "name": "three"},
+        {"id": 7, "name": "seven"},
+        {"id": 11, "name": "eleven"},
+    ]
+    ids = [im[0] for im in m["images"]]
+    assert ids == [1, 3, 5, 6, 7, 8, 9, 10]  # 2 (truncated) and 4 (missing) excluded
+    assert m["images"][0] == [1, "train2017/000001.jpg", 40, 30]
+    assert m["images"][2] == [5, "train2017/000005.png", 40, 30]
+    assert m["boxes"][0] == [[5, 5, 15, 15], [30, 20, 40, 30]]  # xyxy, the second clamped
+    assert m["labels"][0] == [0, 2]
+    assert m["boxes"][2] == [[2, 2, 10, 10]] and m["labels"][2] == [1]
+    assert m["boxes"][1] == [] and m["labels"][1] == []  # image 3 lost all its boxes but stays
+    v = json.loads((out / "val2017.json").read_text())
+    assert v["categories"] == m["categories"] and v["images"] == [[1, "val2017/000001.jpg", 40, 30]]
+
+
+def test_too_many_bad_images_fails_after_reporting(fixture_root, tmp_path):
+    with pytest.raises(
+        PrepareError,
+        match=r"train2017: 2 of 10 images are bad \(20\.00% > .*10\.00%; missing: 1, corrupt: 1\)",
+    ):
+        _prepare(fixture_root, tmp_path, max_bad_fraction=0.1)
+    assert json.loads((tmp_path / "reports" / "prepare.json").read_text())["train2017"]["images_bad"] == 2
+    assert not (tmp_path / "prepared" / "train2017.json").exists()  # nothing that looks valid
+    assert (tmp_path / "prepared" / "val2017.json").exists()
+
+
+def test_size_mismatch_and_no_decode_mode(fixture_root, tmp_path):
+    coco_path = fixture_root / "annotations" / "instances_train2017.json"
+    coco = json.loads(coco_path.read_text())
+    coco["images"][0]["width"] = 41  # image 1 is really 40x30
+    coco_path.write_text(json.dumps(coco))
+    result, out, _ = _prepare(fixture_root, tmp_path)
+    assert result["train2017"]["images_bad_by_reason"]["size_mismatch"] == 1
+    issues = "\n".join(json.loads((out / "issues.json").read_text())["train2017"])
+    assert "000001.jpg: decoded size 40x30 differs from the annotation's 41x30" in issues
+    # check_images=False reads headers only (cheap): sizes and missing files are still checked
+    result, _, _ = _prepare(fixture_root, tmp_path, check_images=False)
+    assert result["train2017"]["images_bad_by_reason"]["size_mismatch"] == 1
+    assert result["train2017"]["images_bad_by_reason"]["missing"] == 1
+
+
+def test_min_box_size(fixture_root, tmp_path):
+    result, _, _ = _prepare(fixture_root, tmp_path, min_box_size=11.0)
+    # box 101 (10x10) and the clamped 102 (10x10) now fall below the limit; 110 (8x8) too
+    assert result["train2017"]["boxes_kept"] == 0
+
+
+def test_malformed_json_names_file_and_position(tmp_path):
+    p = tmp_path / "annotations" / "instances_train2017.json"
+    p.parent.mkdir(parents=True)
+    p.write_text('{"images": [1, 2,\n "annotations": ]}')
+    with pytest.raises(PrepareError, match=r"instances_train2017.json: malformed JSON at line 2, column"):
+        load_coco_json(p)
+    p.write_text(json.dumps({"images": [], "categories": []}))
+    with pytest.raises(PrepareError, match=r"instances_train2017.json: missing field 'annotations'"):
+        load_coco_json(p)
+    p.write_text(json.dumps({"images": [], "annotations": {}, "categories": []}))
+    with pytest.raises(PrepareError, match=r"field 'annotations' must be a list"):
+        load_coco_json(p)
+    with pytest.raises(PrepareError, match="instances_val2017.json: annotation file not found"):
+        load_coco_json(tmp_path / "annotations" / "instances_val2017.json")
+
+
+def test_malformed_image_entries_and_conflicting_categories(fixture_root, tmp_path):
+    coco_path = fixture_root / "annotations" / "instances_train2017.json"
+    coco = json.loads(coco_path.read_text())
+    coco["images"].append({"id": 50, "file_name": "../escape.jpg", "width": 4, "height": 4})
+    coco["images"].append({"id": 51, "file_name": "x.jpg", "width": 4})
+    coco["images"].append(dict(coco["images"][0]))  # duplicate id 1
+    coco_path.write_text(json.dumps(coco))
+    result, out, _ = _prepare(fixture_root, tmp_path, max_bad_fraction=1.0)
+    bad = result["train2017"]["images_bad_by_reason"]
+    assert bad["malformed"] == 2 and bad["duplicate_id"] == 1
+    issues = "\n".join(json.loads((out / "issues.json").read_text())["train2017"])
+    assert "images[11] (id 51): missing field 'height'" in issues
+
+    val_path = fixture_root / "annotations" / "instances_val2017.json"
+    val = json.loads(val_path.read_text())
+    val["categories"][0]["name"] = "renamed"
+    val_path.write_text(json.dumps(val))
+    with pytest.raises(PrepareError, match="category id 7 is named 'renamed' here but 'seven'"):
+        _prepare(fixture_root, tmp_path)
+
+
+def test_missing_split_directory(tmp_path):
+    root = tmp_path / "ds"
+    _write_split(root, "val2017", [_im(1)], [], CATS, {"000001.jpg": _jpeg(30, 40)})
+    (root / "annotations" / "instances_train2017.json").write_text(
+        json.dumps({"images": [], "annotations": [], "categories": CATS})
+    )
+    with pytest.raises(PrepareError, match=r"train2017: images directory missing"):
+        _prepare(root, tmp_path)
+
+
+def test_pipeline_script_on_generated_data(tiny_generated, tmp_path, monkeypatch):
+    """pipeline/prepare.py reads params.yaml in the working directory and writes the report."""
+    root, _ = tiny_generated
+    params = {"data": {"root": str(root), "prepared_dir": "prepared"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("pipeline_prepare", REPO / "pipeline" / "prepare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([]) == 0
+    report = json.loads((tmp_path / "reports" / "prepare.json").read_text())
+    assert report["train2017"]["images_kept"] == 24 and report["val2017"]["images_kept"] == 8
+    assert report["num_categories"] == 3
+    m = json.loads((tmp_path / "prepared" / "train2017.json").read_text())
+    assert len(m["images"]) == 24 and (Path(m["root"]) / m["images"][0][1]).is_file()
+    assert mod.main(["data.prepare.max_bad_fraction=2.0"]) == 1  # a config error is a clean failure
