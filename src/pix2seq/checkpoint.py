@@ -1,0 +1,378 @@
+"""Checkpoints: atomic saves, ``weights_only`` loads, RNG state, step/last/best bookkeeping.
+
+A checkpoint is a plain ``dict`` written by :func:`torch.save`. Everything in it must be loadable
+with ``torch.load(path, weights_only=True)``: tensors, ``dict``/``list``/``tuple``/``set``, ``str``,
+``bytes``, ``int``, ``float``, ``bool``, ``None`` (plus ``torch.Size``/``dtype``/``device``). That
+rule means a checkpoint can never execute code when it is read, and :func:`save_checkpoint` checks
+it *before* writing so a bad value fails at save time (naming its key), not hours later at resume.
+
+The training engine's layout::
+
+    {"model", "optimizer", "scheduler", "scaler",            # state_dict()s
+     "rng": capture_rng_state(),
+     "epoch", "step_in_epoch", "global_step", "best_metric",
+     "config": cfg.to_dict(),
+     "vocab": {"num_classes", "bins", "vocab_size"},
+     "categories": [{"id", "name"}, ...]}
+
+Files written by :class:`CheckpointManager` in its directory::
+
+    ckpt-<global_step>.pt   the newest ``keep`` step checkpoints
+    last.pt                 the most recent save (what ``resume`` reads)
+    best.pt                 the save with the best validation metric
+
+Every file appears atomically (temporary file in the same directory, ``fsync``, ``os.replace``), so a
+crash or a full disk mid-write leaves the previous file intact and never a half-written one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pix2seq.config import current_umask
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "capture_rng_state",
+    "check_weights_only_safe",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file (or the key)."""
+
+
+# ------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The state of every global RNG of this process, as ``weights_only``-safe values.
+
+    Covers Python's :mod:`random`, NumPy's legacy global generator (``np.random.*``), torch's CPU
+    generator and the generators of all visible CUDA devices (when CUDA is available). Under DDP
+    each rank has its own state; gather them (``distributed.all_gather_object``) if every rank
+    must resume exactly.
+    """
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {
+            "version": int(py_version),
+            "internal": torch.tensor(py_internal, dtype=torch.int64),
+            "gauss_next": None if py_gauss is None else float(py_gauss),
+        },
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": [],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any] | Sequence[Mapping[str, Any]], rank: int = 0) -> None:
+    """Restore what :func:`capture_rng_state` returned (also after a ``weights_only`` load).
+
+    ``state`` may also be a per-rank list (``all_gather_object(capture_rng_state())`` saved by
+    rank 0): this process then takes entry ``rank % len(state)``, so DDP ranks keep distinct streams
+    across a resume. CUDA states are restored for ``min(saved, visible)`` devices; a mismatch (a
+    checkpoint from a GPU machine resumed on CPU, another device count) is warned about, not fatal.
+    """
+    if isinstance(state, list | tuple):
+        if not state:
+            raise ValueError("restore_rng_state: empty per-rank list")
+        state = state[rank % len(state)]
+    py = state["python"]
+    internal = tuple(int(x) for x in torch.as_tensor(py["internal"]).tolist())
+    random.setstate((int(py["version"]), internal, py["gauss_next"]))
+
+    nps = state["numpy"]
+    keys = torch.as_tensor(nps["keys"]).numpy().astype(np.uint32)
+    np.random.set_state(
+        (str(nps["name"]), keys, int(nps["pos"]), int(nps["has_gauss"]), float(nps["cached_gaussian"]))
+    )
+
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+
+    cuda_states = list(state.get("cuda") or [])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda_states and visible:
+        n = min(len(cuda_states), visible)
+        for i in range(n):
+            torch.cuda.set_rng_state(torch.as_tensor(cuda_states[i], dtype=torch.uint8).cpu(), device=i)
+    if len(cuda_states) != visible and (cuda_states or visible):
+        warnings.warn(
+            f"checkpoint has CUDA RNG state for {len(cuda_states)} device(s), this process sees {visible}; "
+            "restored the common ones only",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+# ------------------------------------------------------------------------------ safety checking
+
+_SAFE_LEAVES: tuple[type, ...] = (
+    str,
+    bytes,
+    int,
+    float,
+    bool,
+    complex,
+    type(None),
+    torch.device,
+    torch.dtype,
+)
+
+
+def check_weights_only_safe(obj: Any, where: str = "state") -> None:
+    """Raise :class:`CheckpointError` naming the first value ``torch.load(weights_only=True)`` rejects.
+
+    Checks exact types (a ``numpy.float64``, a dataclass, an ``Enum`` or a ``defaultdict`` all fail),
+    so ``best_metric = float(ap)`` and ``config = cfg.to_dict()`` are what callers must store.
+    """
+    stack: list[tuple[Any, str]] = [(obj, where)]
+    seen: set[int] = set()
+    while stack:
+        x, path = stack.pop()
+        t = type(x)
+        if isinstance(x, torch.Tensor) or t in _SAFE_LEAVES or t is torch.Size:
+            continue
+        if id(x) in seen:
+            continue
+        if t is dict or t is OrderedDict:
+            seen.add(id(x))
+            for k, v in x.items():
+                if type(k) not in _SAFE_LEAVES and not isinstance(k, tuple):
+                    raise CheckpointError(f"{path}: key {k!r} of type {t.__name__} is not weights_only-safe")
+                stack.append((v, f"{path}[{k!r}]"))
+            continue
+        if t is list or t is tuple or t is set:
+            seen.add(id(x))
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(x))
+            continue
+        raise CheckpointError(
+            f"{path}: {t.__module__}.{t.__qualname__} cannot be loaded with torch.load(weights_only=True); "
+            "store plain dict/list/str/int/float/bool/None or tensors (e.g. float(x), cfg.to_dict())"
+        )
+
+
+# ----------------------------------------------------------------------------------- save / load
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: PathLike, state: Mapping[str, Any], *, check: bool = True) -> Path:
+    """Write ``state`` to ``path`` atomically: a temp file beside it, ``fsync``, ``os.replace``.
+
+    On any failure (unpicklable value, full disk, interrupt) the previous ``path`` is untouched and
+    the temporary file is removed. ``check`` first runs :func:`check_weights_only_safe`.
+    """
+    p = Path(path)
+    if check:
+        check_weights_only_safe(dict(state))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(p.parent)
+    return p
+
+
+def load_checkpoint(path: PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` (never runs code from the file).
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` naming the file
+    when it is truncated/corrupt or holds objects a ``weights_only`` load refuses.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: checkpoint not found")
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip/pickle errors come as RuntimeError, UnpicklingError, EOFError...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only load failed" in str(e).lower() or "unsupported global" in str(e).lower():
+            reason = (
+                "it holds objects a weights_only load refuses (not a checkpoint written by save_checkpoint?)"
+            )
+        else:
+            reason = f"the file is corrupt or truncated (size {p.stat().st_size} bytes)"
+        raise CheckpointError(f"{p}: cannot load checkpoint: {reason}: {type(e).__name__}: {first}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{p}: expected a dict checkpoint, got {type(state).__name__}")
+    return state
+
+
+# --------------------------------------------------------------------------------------- manager
+
+_STEP_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+class CheckpointManager:
+    """Step checkpoints plus ``last.pt``/``best.pt`` in one directory, pruned to the newest ``keep``.
+
+    >>> mgr = CheckpointManager("runs/train/checkpoints", keep=2)
+    >>> mgr.save(state, step=global_step, is_best=ap > best)     # doctest: +SKIP
+    >>> path = mgr.latest()                                       # resume: last.pt or newest step
+    """
+
+    LAST = "last.pt"
+    BEST = "best.pt"
+
+    def __init__(self, directory: PathLike, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.dir = Path(directory)
+        self.keep = int(keep)
+
+    # paths
+    @property
+    def last_path(self) -> Path:
+        return self.dir / self.LAST
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir / self.BEST
+
+    def step_path(self, step: int) -> Path:
+        return self.dir / f"ckpt-{int(step)}.pt"
+
+    def step_checkpoints(self) -> list[tuple[int, Path]]:
+        """``[(step, path), ...]`` sorted by step, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for p in self.dir.iterdir():
+            m = _STEP_RE.match(p.name)
+            if m and p.is_file():
+                out.append((int(m.group(1)), p))
+        return sorted(out)
+
+    # writing
+    def save(self, state: Mapping[str, Any], step: int, is_best: bool = False) -> Path:
+        """Write ``ckpt-<step>.pt``, point ``last.pt`` (and ``best.pt`` if ``is_best``) at it, prune.
+
+        Returns the step checkpoint's path. ``last.pt``/``best.pt`` are hard links when the file
+        system allows (no extra disk), else copies; both are swapped in atomically.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = save_checkpoint(self.step_path(step), state)
+        self._link_atomic(path, self.last_path)
+        if is_best:
+            self._link_atomic(path, self.best_path)
+        self.prune(current=path)
+        return path
+
+    def save_best_only(self, state: Mapping[str, Any]) -> Path:
+        """Write ``best.pt`` directly (e.g. after an evaluation that did not coincide with a save)."""
+        return save_checkpoint(self.best_path, state)
+
+    def prune(self, current: Path | None = None) -> list[Path]:
+        """Delete step checkpoints beyond the newest ``keep`` (never ``current``, last or best)."""
+        steps = self.step_checkpoints()
+        keep = {p for _, p in steps[-self.keep :]}
+        if current is not None:
+            keep.add(Path(current))
+        removed = []
+        for _, p in steps:
+            if p not in keep:
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        return removed
+
+    @staticmethod
+    def _link_atomic(src: Path, dst: Path) -> None:
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            tmp_path.unlink()
+            try:
+                os.link(src, tmp_path)
+            except OSError:
+                shutil.copyfile(src, tmp_path)
+                with open(tmp_path, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp_path, dst)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+        _fsync_dir(dst.parent)
+
+    # reading
+    def latest(self) -> Path | None:
+        """The checkpoint to resume from: ``last.pt`` if present, else the newest step file, else None."""
+        if self.last_path.is_file():
+            return self.last_path
+        steps = self.step_checkpoints()
+        return steps[-1][1] if steps else None
+
+    def candidates(self) -> Iterator[Path]:
+        """Resume candidates, most recent first: ``last.pt`` then step files newest first."""
+        if self.last_path.is_file():
+            yield self.last_path
+        for _, p in reversed(self.step_checkpoints()):
+            yield p
+
+    def load_latest(
+        self, map_location: str | torch.device | None = "cpu"
+    ) -> tuple[Path, dict[str, Any]] | None:
+        """Load the newest readable checkpoint, skipping (and logging) corrupt ones; None if none."""
+        errors = []
+        for p in self.candidates():
+            try:
+                return p, load_checkpoint(p, map_location)
+            except CheckpointError as e:
+                log.warning("skipping unreadable checkpoint: %s", e)
+                errors.append(str(e))
+        if errors:
+            raise CheckpointError(
+                "no readable checkpoint in " + str(self.dir) + ":\n  " + "\n  ".join(errors)
+            )
+        return None
