@@ -1,0 +1,235 @@
+"""Autoregressive generation: greedy, nucleus and beam search, with a KV cache and constraints.
+
+::
+
+    out = generate(model, images, vocab, num_objects, method="greedy"|"nucleus"|"beam",
+                   top_p=0.4, temperature=1.0, beam_size=4, constrained=True,
+                   cache="full"|"self"|"none", generator=None, autocast_dtype=None)
+    out.tokens       # (B, 5 * num_objects) long, the prompt excluded
+    out.class_probs  # (B, num_objects, C) float32: P(class) at every class position
+
+Generated position ``i`` (0-based, after the prompt) is a class position when ``i % 5 == 4``, a
+coordinate position otherwise. ``constrained=True`` masks the logits to
+``vocab.allowed_mask("coord" | "class")`` (class positions admit the real classes and NOISE).
+``class_probs`` is the softmax of the (constrained or full-vocabulary) logits at temperature 1,
+restricted to the class range: it excludes NOISE, so it sums to at most 1.
+
+Caching (spec section 5):
+
+- ``"none"``: re-run the decoder over the whole prefix every step, re-projecting the image memory
+  for cross-attention every time (the seed's O(n^2) design; the reference path);
+- ``"self"``: cache self-attention keys/values per layer, re-project the memory's cross-attention
+  keys/values every step (Pretrained-Pix2Seq's design);
+- ``"full"``: also project the memory's cross-attention keys/values once per image (ours).
+
+Decoding always runs the model in eval mode (the mode is restored afterwards) under
+:func:`torch.inference_mode`; the loop never synchronises with the device (no ``.item()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pix2seq.vocab import PROMPT, Vocab
+
+METHODS = ("greedy", "nucleus", "beam")
+CACHES = ("full", "self", "none")
+
+
+@dataclass
+class GenerationOutput:
+    tokens: Tensor  # (B, 5 * num_objects) long
+    class_probs: Tensor  # (B, num_objects, C) float32
+
+
+def generate(
+    model,
+    images: Tensor | None,
+    vocab: Vocab,
+    num_objects: int,
+    method: str = "greedy",
+    top_p: float = 0.4,
+    temperature: float = 1.0,
+    beam_size: int = 4,
+    constrained: bool = True,
+    cache: str = "full",
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    memory: Tensor | None = None,
+) -> GenerationOutput:
+    """Decode ``5 * num_objects`` tokens after the prompt for every image.
+
+    ``images``: uint8 or [0, 1] float ``(B, 3, H, W)``; or pass ``memory`` (``model.encode``'s
+    output, ``(B, S, D)``) to skip the encoder (``images`` may then be None). ``generator`` seeds
+    nucleus sampling (it must live on the images' device). ``autocast_dtype`` (e.g.
+    ``torch.bfloat16``) runs the model under autocast; selection and probabilities are float32.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    if num_objects < 0:
+        raise ValueError(f"num_objects must be >= 0, got {num_objects}")
+    if method == "beam" and beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if method == "nucleus" and not (0.0 < top_p <= 1.0 and temperature > 0):
+        raise ValueError(f"need 0 < top_p <= 1 and temperature > 0, got {top_p}, {temperature}")
+    if images is None and memory is None:
+        raise ValueError("pass images or memory")
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    length = 5 * num_objects
+    if length > model.max_seq_len:
+        raise ValueError(f"{num_objects} objects need {length} positions; the model has {model.max_seq_len}")
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = memory.device if memory is not None else images.device
+        amp = (
+            torch.autocast(device_type=device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), amp:
+            if memory is None:
+                memory = model.encode(images)
+            b = memory.shape[0]
+            num_classes = vocab.class_end - vocab.class_start
+            biases = _position_biases(vocab, device) if constrained else None
+            if length == 0:
+                tokens = torch.zeros(b, 0, dtype=torch.long, device=device)
+                class_probs = torch.zeros(b, 0, num_classes, device=device)
+            elif method == "beam":
+                tokens, class_probs = _beam(model, memory, vocab, length, beam_size, cache, biases)
+            else:
+                tokens, class_probs = _sequential(
+                    model, memory, vocab, length, method, top_p, temperature, cache, biases, generator
+                )
+        # ordinary tensors (not inference tensors): callers may modify them in place
+        return GenerationOutput(tokens.clone(), class_probs.clone())
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------ internals
+
+
+def _position_biases(vocab: Vocab, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Additive float32 masks ``(V,)``: 0 where allowed, -inf elsewhere, for (coord, class) positions."""
+    out = []
+    for kind in ("coord", "class"):
+        allowed = vocab.allowed_mask(kind, device)
+        out.append(torch.zeros(vocab.vocab_size, device=device).masked_fill_(~allowed, float("-inf")))
+    return out[0], out[1]
+
+
+class _Stepper:
+    """Next-token logits for every row of ``seq`` at step ``t``, under one caching strategy."""
+
+    def __init__(self, model, memory: Tensor, length: int, cache: str, repeat: int = 1) -> None:
+        self.model = model
+        self.cache = cache
+        if cache == "none":
+            self.memory = memory.repeat_interleave(repeat, 0) if repeat > 1 else memory
+            self.state = None
+        else:
+            self.state = model.init_cache(memory, length, cross=cache, repeat=repeat)
+
+    def __call__(self, seq: Tensor, t: int) -> Tensor:
+        """``seq (R, 1 + length)`` holds the prompt and tokens ``< t``; returns logits ``(R, V)`` float32."""
+        if self.state is None:
+            logits = self.model.decode(seq[:, : t + 1], self.memory, last_only=True)
+        else:
+            logits = self.model.decode_step(seq.select(1, t), self.state)
+        return logits.float()
+
+    def reorder(self, index: Tensor) -> None:
+        if self.state is not None:
+            self.state.reorder(index)
+
+
+def _check_vocab(logits: Tensor, vocab: Vocab) -> None:
+    if logits.shape[-1] != vocab.vocab_size:
+        raise ValueError(
+            f"the model predicts {logits.shape[-1]} tokens, the vocabulary has {vocab.vocab_size}"
+        )
+
+
+def _sequential(model, memory, vocab, length, method, top_p, temperature, cache, biases, generator):
+    """Greedy or nucleus decoding: one token per row per step."""
+    b, device = memory.shape[0], memory.device
+    cs, ce = vocab.class_start, vocab.class_end
+    seq = torch.full((b, length + 1), PROMPT, dtype=torch.long, device=device)
+    class_probs = torch.zeros(b, length // 5, ce - cs, device=device)
+    step = _Stepper(model, memory, length, cache)
+    for t in range(length):
+        logits = step(seq, t)
+        if t == 0:
+            _check_vocab(logits, vocab)
+        is_class = t % 5 == 4
+        if biases is not None:
+            logits = logits + biases[is_class]
+        if is_class:
+            class_probs[:, t // 5] = logits.softmax(-1)[:, cs:ce]
+        if method == "greedy":
+            nxt = logits.argmax(-1)
+        else:
+            nxt = _nucleus(logits, top_p, temperature, generator)
+        seq.select(1, t + 1).copy_(nxt)
+    return seq[:, 1:].contiguous(), class_probs
+
+
+def _nucleus(logits: Tensor, top_p: float, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """Sample from the smallest set of tokens whose probability reaches ``top_p`` (at ``temperature``)."""
+    probs = (logits / temperature).softmax(-1) if temperature != 1.0 else logits.softmax(-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    sorted_p, sorted_idx = probs.sort(-1, descending=True)
+    # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
+    drop = (sorted_p.cumsum(-1) - sorted_p) > top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    choice = torch.multinomial(sorted_p, 1, generator=generator)
+    return sorted_idx.gather(1, choice).squeeze(1)
+
+
+def _beam(model, memory, vocab, length, k, cache, biases):
+    """Batched beam search over ``B * k`` rows; scores are sums of log-probabilities."""
+    b, device = memory.shape[0], memory.device
+    cs, ce = vocab.class_start, vocab.class_end
+    v = vocab.vocab_size
+    rows = b * k
+    seq = torch.full((rows, length + 1), PROMPT, dtype=torch.long, device=device)
+    class_probs = torch.zeros(rows, length // 5, ce - cs, device=device)
+    # all beams start identical: only the first one may expand at step 0
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    scores = scores.view(rows)
+    base = (torch.arange(b, device=device) * k).unsqueeze(1)  # (b, 1): first row of every image
+    step = _Stepper(model, memory, length, cache, repeat=k)
+    for t in range(length):
+        logits = step(seq, t)
+        if t == 0:
+            _check_vocab(logits, vocab)
+        is_class = t % 5 == 4
+        if biases is not None:
+            logits = logits + biases[is_class]
+        cand = (scores.unsqueeze(1) + logits.log_softmax(-1)).view(b, k * v)
+        top, idx = cand.topk(k, dim=1)  # (b, k), best first
+        parent = (torch.div(idx, v, rounding_mode="floor") + base).view(rows)
+        seq = seq.index_select(0, parent)
+        seq.select(1, t + 1).copy_((idx % v).view(rows))
+        class_probs = class_probs.index_select(0, parent)
+        if is_class:
+            class_probs[:, t // 5] = logits.softmax(-1)[:, cs:ce].index_select(0, parent)
+        scores = top.view(rows)
+        step.reorder(parent)
+    best = scores.view(b, k).argmax(1) + base.squeeze(1)
+    return seq[best, 1:].contiguous(), class_probs[best]
+
+
+__all__ = ["CACHES", "METHODS", "GenerationOutput", "generate"]

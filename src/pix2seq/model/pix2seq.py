@@ -1,0 +1,148 @@
+"""The Pix2Seq model (spec section 6): image -> memory -> autoregressive token logits.
+
+::
+
+    images (uint8 or [0,1] float) -> ImageNet mean/std -> ResNet (C4 or C5)
+      -> linear to d_model -> LayerNorm -> + 2-D sine-cosine positions -> pre-LN encoder -> LayerNorm
+      -> bridge: linear + LayerNorm, + visual positions, + residual MLP         = memory (B, S, D)
+    tokens -> shared token embedding + learned 1-D positions -> pre-LN decoder (causal self-attn,
+      cross-attn to memory, MLP) -> LayerNorm -> logits = h @ E^T + output bias      (B, T, V)
+
+Incremental decoding (used by :mod:`pix2seq.decoding`)::
+
+    cache = model.init_cache(memory, max_len, cross="full" | "self", repeat=1)
+    logits = model.decode_step(tokens, cache)      # tokens (B,) at position cache.pos -> (B, V)
+    cache.reorder(index)                            # beam search: rows follow their parent beams
+
+(the cache is a :class:`pix2seq.model.transformer.StepCache`; see there for its layout).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pix2seq.config import ModelConfig
+from pix2seq.model.backbone import Backbone
+from pix2seq.model.transformer import MLP, Decoder, Encoder, StepCache, decoder_step, init_weights, sincos_2d
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Pix2Seq(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
+        self.d_model = d
+        self.heads = cfg.heads
+
+        self.backbone = Backbone(cfg.backbone, cfg.backbone_stage, cfg.pretrained, cfg.backbone_norm)
+        self.input_proj = nn.Linear(self.backbone.num_channels, d)
+        self.input_norm = nn.LayerNorm(d)
+        self.encoder = Encoder(
+            cfg.encoder_layers, d, cfg.heads, cfg.mlp_dim, cfg.dropout, cfg.drop_path, cfg.attention
+        )
+        # bridge from the encoder to the decoder's memory
+        self.bridge_proj = nn.Linear(d, d)
+        self.bridge_norm = nn.LayerNorm(d)
+        self.bridge_mlp_norm = nn.LayerNorm(d)
+        self.bridge_mlp = MLP(d, cfg.mlp_dim, cfg.dropout)
+
+        self.token_embed = nn.Embedding(vocab_size, d)
+        self.pos_embed = nn.Parameter(torch.zeros(max_seq_len, d))
+        self.decoder = Decoder(
+            cfg.decoder_layers, d, cfg.heads, cfg.mlp_dim, cfg.dropout, cfg.drop_path, cfg.attention
+        )
+        self.out_bias = nn.Parameter(torch.zeros(vocab_size))
+
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.register_buffer("pixel_scale", 1.0 / std, persistent=False)
+        self.register_buffer("pixel_shift", -mean / std, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Trunc-normal(0.02) for linear layers, embeddings and positions; zero biases (not the backbone)."""
+        for name, child in self.named_children():
+            if name != "backbone":
+                child.apply(init_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
+        nn.init.zeros_(self.out_bias)
+
+    # ------------------------------------------------------------------------------- encoder
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 ``[0, 255]`` or float ``[0, 1]`` images -> ImageNet-normalised float."""
+        dtype = self.pixel_scale.dtype
+        if images.dtype == torch.uint8:
+            x = images.to(dtype) * (1.0 / 255.0)
+        else:
+            x = images.to(dtype)
+        return x * self.pixel_scale + self.pixel_shift
+
+    def encode(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` images -> the decoder's memory ``(B, S, D)``, S = (H/stride)(W/stride)."""
+        f = self.backbone(self.normalize(images))
+        b, _, h, w = f.shape
+        x = self.input_norm(self.input_proj(f.flatten(2).transpose(1, 2)))
+        pos = sincos_2d(h, w, self.d_model, device=x.device).to(x.dtype)
+        x = self.encoder(x + pos)
+        x = self.bridge_norm(self.bridge_proj(x))
+        x = x + pos.to(x.dtype)
+        return x + self.bridge_mlp(self.bridge_mlp_norm(x))
+
+    # ------------------------------------------------------------------------------- decoder
+    def logits(self, h: Tensor) -> Tensor:
+        """Decoder output (after its LayerNorm) -> vocabulary logits with the shared embedding."""
+        return F.linear(h, self.token_embed.weight, self.out_bias)
+
+    def decode(self, tokens: Tensor, memory: Tensor, last_only: bool = False) -> Tensor:
+        """Teacher-forced / full-prefix decoding: ``tokens (B, T)`` -> logits ``(B, T, V)``.
+
+        ``last_only``: logits of the last position only, ``(B, V)`` (re-running the prefix).
+        """
+        t = tokens.shape[1]
+        if t > self.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.max_seq_len}")
+        x = self.token_embed(tokens) + self.pos_embed[:t]
+        h = self.decoder(x, memory)
+        if last_only:
+            h = h[:, -1]
+        return self.logits(h)
+
+    def forward(self, images: Tensor, input_tokens: Tensor) -> Tensor:
+        """``images (B,3,H,W)``, ``input_tokens (B,T)`` -> logits ``(B,T,V)``."""
+        return self.decode(input_tokens, self.encode(images))
+
+    # ------------------------------------------------------------------- incremental decoding
+    def init_cache(self, memory: Tensor, max_len: int, cross: str = "full", repeat: int = 1) -> StepCache:
+        """A fresh decoding cache for up to ``max_len`` positions of every memory row.
+
+        ``cross="full"`` projects the memory's cross-attention keys/values here, once; ``"self"``
+        leaves them to be re-projected every step. ``repeat``: every image's rows are repeated
+        this many times (beam search), after the projection. Buffers take the dtype the
+        projections produce (the autocast dtype when called under autocast).
+        """
+        if cross not in ("full", "self"):
+            raise ValueError(f"cross must be 'full' or 'self', got {cross!r}")
+        if max_len > self.max_seq_len:
+            raise ValueError(f"{max_len} positions exceed max_seq_len {self.max_seq_len}")
+        dtype = _projection_dtype(memory, self.token_embed.weight)
+        return StepCache(self.decoder, memory, max_len, dtype, project=cross == "full", repeat=repeat)
+
+    def decode_step(self, tokens: Tensor, cache: StepCache) -> Tensor:
+        """``tokens (B,)`` at position ``cache.pos`` -> next-token logits ``(B, V)``; advances the cache."""
+        x = F.embedding(tokens, self.token_embed.weight) + self.pos_embed[cache.pos]
+        return self.logits(decoder_step(x, cache))
+
+
+def _projection_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype ``F.linear(x, weight)`` produces here (the autocast dtype when autocast is on)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(x.dtype, weight.dtype)

@@ -1,0 +1,445 @@
+"""Pre-LN transformer encoder / decoder layers with two attention paths and incremental decoding.
+
+Attention (``impl``):
+
+- ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels on GPU);
+- ``"math"``: explicit ``matmul + softmax`` (measured faster on CPU, especially the backward);
+- ``"auto"``: SDPA for CUDA tensors, math otherwise (decided per call from the tensor's device).
+
+Dropout and drop-path modules are only created when their probability is > 0 (random-mask generation
+is costly on CPU). There is no dropout on attention probabilities, only on the residual branches.
+
+Incremental decoding (:func:`decoder_step`) runs the whole decoder stack for one position: every
+layer writes its self-attention key/value for position ``t`` in place into preallocated buffers
+(:class:`StepCache`; no ``torch.cat``) and attends to ``[0, t]``; cross-attention uses keys/values
+of the image memory that were either projected once per image (:meth:`StepCache.project_memory`) or
+are re-projected from the memory at every step (to emulate implementations that do so). The step
+is written with functional ops on weights gathered once per cache (no module calls, no attribute
+look-ups per layer and step), and on the math path keeps keys transposed, ``(B, H, Dh, Tmax)``, so
+``q @ K^T`` is a plain batched GEMM on contiguous rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ATTENTION_IMPLS = ("auto", "sdpa", "math")
+
+
+def use_sdpa(impl: str, x: Tensor) -> bool:
+    if impl == "sdpa":
+        return True
+    if impl == "math":
+        return False
+    if impl == "auto":
+        return x.is_cuda
+    raise ValueError(f"model.attention: must be one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, impl: str = "auto", causal: bool = False, mask: Tensor | None = None
+) -> Tensor:
+    """``q (B,H,Tq,Dh)``, ``k, v (B,H,Tk,Dh)`` -> ``(B,H,Tq,Dh)``.
+
+    ``causal`` (``Tq == Tk``): position i attends to ``[0, i]``. The math path can be handed the
+    bool ``mask`` (``(Tq, Tk)``, True = blocked, see :func:`causal_mask`) to build it once per stack.
+    """
+    if use_sdpa(impl, q):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
+    if causal:
+        if mask is None:
+            mask = causal_mask(q.shape[-2], q.device)
+        scores = scores.masked_fill(mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v)
+
+
+def causal_mask(t: int, device: torch.device) -> Tensor:
+    return torch.ones(t, t, dtype=torch.bool, device=device).triu_(1)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample (scaled by 1 / keep)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = x.new_empty(shape).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, mlp_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, d_model)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.gelu(self.fc1(x))
+        if self.drop is not None:
+            x = self.drop(x)
+        return self.fc2(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection."""
+
+    def __init__(self, d_model: int, heads: int, impl: str = "auto") -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"model.heads: d_model {d_model} is not divisible by heads {heads}")
+        self.heads = heads
+        self.head_dim = d_model // heads
+        self.impl = impl
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, causal: bool = False, mask: Tensor | None = None) -> Tensor:
+        b, t, d = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2], self.impl, causal, mask)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the decoder to the image memory; ``kv`` projects the memory."""
+
+    def __init__(self, d_model: int, heads: int, impl: str = "auto") -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"model.heads: d_model {d_model} is not divisible by heads {heads}")
+        self.heads = heads
+        self.head_dim = d_model // heads
+        self.impl = impl
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, S, D)`` memory -> keys and values ``(B, H, S, Dh)`` (views of one projection)."""
+        b, s, _ = memory.shape
+        kv = F.linear(memory, self.kv.weight, self.kv.bias).view(b, s, 2, self.heads, self.head_dim)
+        kv = kv.permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.project_kv(memory)
+        out = attention(q, k, v, self.impl)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class _Residual(nn.Module):
+    """Shared dropout / drop-path bookkeeping of a pre-LN layer."""
+
+    def _init_regularisers(self, dropout: float, drop_path: float) -> None:
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
+
+    def _branch(self, y: Tensor) -> Tensor:
+        if self.dropout is not None:
+            y = self.dropout(y)
+        if self.drop_path is not None:
+            y = self.drop_path(y)
+        return y
+
+
+class EncoderLayer(_Residual):
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn = SelfAttention(d_model, heads, impl)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, mlp_dim, dropout)
+        self._init_regularisers(dropout, drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self._branch(self.attn(self.norm1(x)))
+        return x + self._branch(self.mlp(self.norm2(x)))
+
+
+class DecoderLayer(_Residual):
+    """Causal self-attention + cross-attention to the memory + MLP, all pre-LN."""
+
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = SelfAttention(d_model, heads, impl)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.cross_attn = CrossAttention(d_model, heads, impl)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, mlp_dim, dropout)
+        self._init_regularisers(dropout, drop_path)
+
+    def forward(self, x: Tensor, memory: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Causal over ``x (B, T, D)``; ``mask`` optionally precomputed by :func:`causal_mask`."""
+        x = x + self._branch(self.self_attn(self.norm1(x), True, mask))
+        x = x + self._branch(self.cross_attn(self.norm2(x), memory))
+        return x + self._branch(self.mlp(self.norm3(x)))
+
+
+class Encoder(nn.Module):
+    """A stack of pre-LN encoder layers and a final LayerNorm."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        d_model: int,
+        heads: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EncoderLayer(d_model, heads, mlp_dim, dropout, drop_path, impl) for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+class Decoder(nn.Module):
+    """A stack of pre-LN decoder layers and a final LayerNorm (embeddings live in the model)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        d_model: int,
+        heads: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model, heads, mlp_dim, dropout, drop_path, impl) for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.impl = impl
+
+    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+        mask = None if use_sdpa(self.impl, x) else causal_mask(x.shape[1], x.device)
+        for layer in self.layers:
+            x = layer(x, memory, mask)
+        return self.norm(x)
+
+
+# ---------------------------------------------------------------------------- incremental decoding
+
+
+def _step_weights(layer: DecoderLayer) -> tuple[Tensor, ...]:
+    sa, ca, m = layer.self_attn, layer.cross_attn, layer.mlp
+    return (
+        layer.norm1.weight, layer.norm1.bias, sa.qkv.weight, sa.qkv.bias, sa.proj.weight, sa.proj.bias,
+        layer.norm2.weight, layer.norm2.bias, ca.q.weight, ca.q.bias, ca.kv.weight, ca.kv.bias,
+        ca.proj.weight, ca.proj.bias,
+        layer.norm3.weight, layer.norm3.bias, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias,
+    )  # fmt: skip
+
+
+class StepCache:
+    """Preallocated state of incremental decoding through a :class:`Decoder`'s layers.
+
+    Self-attention: one buffer of keys and one of values for all layers, written in place at
+    position ``t``. Values are ``(L, B, H, Tmax, Dh)``; keys are ``(L, B, H, Dh, Tmax)`` on the math
+    path (transposed, for a contiguous ``q @ K^T``) and ``(L, B, H, Tmax, Dh)`` on the SDPA path.
+    Cross-attention: the memory's keys/values per layer, projected once
+    (:meth:`project_memory`, ``cross="full"``), or ``None`` and re-projected from ``memory`` at every
+    step (``cross="self"``).
+    """
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        memory: Tensor,
+        max_len: int,
+        dtype: torch.dtype,
+        project: bool,
+        repeat: int = 1,
+    ) -> None:
+        layers = decoder.layers
+        first = layers[0].self_attn
+        self.heads, self.head_dim = first.heads, first.head_dim
+        self.d_model = self.heads * self.head_dim
+        self.eps = decoder.norm.eps
+        self.sdpa = use_sdpa(decoder.impl, memory)
+        self.max_len = max_len
+        self.num_layers = len(layers)
+        self.pos = 0
+        self.weights = [_step_weights(layer) for layer in layers]
+        self.norm = (decoder.norm.weight, decoder.norm.bias)
+
+        cross: list[tuple[Tensor, Tensor] | None] = [None] * len(layers)
+        if project:
+            cross = [self.project_memory(memory, w[10], w[11], repeat) for w in self.weights]
+        self.cross = cross
+        self.memory = memory.repeat_interleave(repeat, 0) if repeat > 1 else memory
+
+        b, h, dh, dev = self.memory.shape[0], self.heads, self.head_dim, memory.device
+        self.batch_size = b
+        k_shape = (len(layers), b, h, max_len, dh) if self.sdpa else (len(layers), b, h, dh, max_len)
+        self.k = torch.empty(k_shape, dtype=dtype, device=dev)
+        self.v = torch.empty((len(layers), b, h, max_len, dh), dtype=dtype, device=dev)
+        if self.sdpa:
+            self.k_write = [self.k[i] for i in range(len(layers))]  # (B, H, Tmax, Dh): select(2, t)
+            self.k_read = self.k_write
+            self.v_read = [self.v[i] for i in range(len(layers))]
+        else:
+            self.k_write = [self.k[i] for i in range(len(layers))]  # (B, H, Dh, Tmax): select(3, t)
+            self.k_read = [self.k[i].view(b * h, dh, max_len) for i in range(len(layers))]
+            self.v_read = [self.v[i].view(b * h, max_len, dh) for i in range(len(layers))]
+        self.v_write = [self.v[i] for i in range(len(layers))]  # (B, H, Tmax, Dh): select(2, t)
+
+    def project_memory(
+        self, memory: Tensor, w: Tensor, bias: Tensor, repeat: int = 1
+    ) -> tuple[Tensor, Tensor]:
+        """Memory ``(B, S, D)`` -> this path's cross-attention keys and values.
+
+        Math path: keys ``(B*H, Dh, S)``, values ``(B*H, S, Dh)``; SDPA: both ``(B, H, S, Dh)``.
+        """
+        b, s, _ = memory.shape
+        h, dh, d = self.heads, self.head_dim, self.d_model
+        kv = F.linear(memory, w, bias)
+        k = kv[..., :d].view(b, s, h, dh)
+        v = kv[..., d:].view(b, s, h, dh)
+        if repeat > 1:
+            k, v = k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
+            b *= repeat
+        if self.sdpa:
+            return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        return k.permute(0, 2, 3, 1).reshape(b * h, dh, s), v.transpose(1, 2).reshape(b * h, s, dh)
+
+    def reorder(self, index: Tensor) -> None:
+        """Row ``r`` takes the self-attention history of row ``index[r]`` (beam search).
+
+        Only the self-attention cache moves: rows keep their image memory (beams of one image), so
+        the memory and its projected keys/values stay where they are.
+        """
+        n = self.pos
+        if n == 0:
+            return
+        for buf, dim in ((self.k, 3 if self.sdpa else 4), (self.v, 3)):
+            hist = buf.narrow(dim, 0, n)
+            hist.copy_(hist.index_select(1, index))
+
+
+def decoder_step(x: Tensor, cache: StepCache) -> Tensor:
+    """The decoder stack for one position: ``x (B, D)`` embedded input at ``cache.pos`` -> ``(B, D)``
+    after the final LayerNorm. Inference only (no dropout); advances ``cache.pos``."""
+    t = cache.pos
+    if t >= cache.max_len:
+        raise ValueError(f"the cache holds {cache.max_len} positions; position {t} is past its end")
+    b, d = x.shape
+    h, dh, eps = cache.heads, cache.head_dim, cache.eps
+    bh, n, shape, scale = b * h, t + 1, (d,), dh**-0.5
+    sdpa, memory = cache.sdpa, cache.memory
+    layers = zip(
+        cache.weights, cache.k_write, cache.v_write, cache.k_read, cache.v_read, cache.cross, strict=True
+    )
+    for w, k_w, v_w, k_r, v_r, cross in layers:
+        (n1w, n1b, qkv_w, qkv_b, so_w, so_b, n2w, n2b, cq_w, cq_b, ckv_w, ckv_b, co_w, co_b,
+         n3w, n3b, f1w, f1b, f2w, f2b) = w  # fmt: skip
+        # causal self-attention over positions [0, t]
+        y = F.layer_norm(x, shape, n1w, n1b, eps)
+        q, k, v = F.linear(y, qkv_w, qkv_b).split(d, 1)
+        v_w.select(2, t).copy_(v.view(b, h, dh))
+        if sdpa:
+            k_w.select(2, t).copy_(k.view(b, h, dh))
+            o = F.scaled_dot_product_attention(q.view(b, h, 1, dh), k_r.narrow(2, 0, n), v_r.narrow(2, 0, n))
+        else:
+            k_w.select(3, t).copy_(k.view(b, h, dh))
+            s = torch.bmm((q * scale).view(bh, 1, dh), k_r.narrow(2, 0, n))
+            o = torch.bmm(s.softmax(-1), v_r.narrow(1, 0, n))
+        x = x + F.linear(o.reshape(b, d), so_w, so_b)
+        # cross-attention to the image memory
+        y = F.layer_norm(x, shape, n2w, n2b, eps)
+        ck, cv = cross if cross is not None else cache.project_memory(memory, ckv_w, ckv_b)
+        q = F.linear(y, cq_w, cq_b)
+        if sdpa:
+            o = F.scaled_dot_product_attention(q.view(b, h, 1, dh), ck, cv)
+        else:
+            o = torch.bmm(torch.bmm((q * scale).view(bh, 1, dh), ck).softmax(-1), cv)
+        x = x + F.linear(o.reshape(b, d), co_w, co_b)
+        # MLP
+        y = F.layer_norm(x, shape, n3w, n3b, eps)
+        x = x + F.linear(F.gelu(F.linear(y, f1w, f1b)), f2w, f2b)
+    cache.pos = t + 1
+    return F.layer_norm(x, shape, cache.norm[0], cache.norm[1], eps)
+
+
+def sincos_2d(
+    h: int, w: int, dim: int, device: torch.device | None = None, temperature: float = 10000.0
+) -> Tensor:
+    """2-D sine-cosine positions ``(h * w, dim)`` in row-major order: [sin y, cos y, sin x, cos x]."""
+    if dim % 4:
+        raise ValueError(f"model.d_model: 2-D sine-cosine positions need a multiple of 4, got {dim}")
+    q = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(q, dtype=torch.float32, device=device) / q)
+    y = torch.arange(h, dtype=torch.float32, device=device)[:, None].expand(h, w).reshape(-1, 1) * omega
+    x = torch.arange(w, dtype=torch.float32, device=device)[None, :].expand(h, w).reshape(-1, 1) * omega
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Trunc-normal(0.02) linear / embedding weights, zero biases, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+__all__ = [
+    "ATTENTION_IMPLS",
+    "StepCache",
+    "decoder_step",
+    "Decoder",
+    "DecoderLayer",
+    "DropPath",
+    "Encoder",
+    "EncoderLayer",
+    "attention",
+    "causal_mask",
+    "init_weights",
+    "sincos_2d",
+    "use_sdpa",
+]

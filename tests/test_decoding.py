@@ -1,0 +1,267 @@
+"""generate(): caches, greedy / nucleus / beam, constraints, batching. Tiny model, eval mode.
+
+Freshly initialised weights (std 0.02) make near-uniform logits and a decoder that mostly repeats
+its input, which would make equality tests vacuous. ``model`` below re-draws the weights at
+PyTorch-default scale (unit-variance activations) with a small output embedding, so the tokens
+depend on position, prefix and image; every equality test also checks that its tokens vary.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pix2seq.config import Config, ModelConfig
+from pix2seq.decoding import GenerationOutput, generate
+from pix2seq.model import build_model
+from pix2seq.vocab import NOISE, Vocab
+
+NUM_CLASSES, BINS, MAX_INSTANCES, SIZE = 4, 32, 5, 64
+N = MAX_INSTANCES
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine a second thread that is descheduled stalls
+    every parallel op (measured 10-40x slower), and these tiny shapes gain nothing from it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _make(attention: str = "math", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = Config()
+    cfg.model = ModelConfig(
+        backbone="resnet18",
+        backbone_stage="layer3",
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        heads=4,
+        mlp_dim=128,
+        dropout=0.1,
+        drop_path=0.1,
+        attention=attention,
+    )
+    cfg.tokenizer.bins = BINS
+    cfg.tokenizer.max_instances = MAX_INSTANCES
+    vocab = Vocab(NUM_CLASSES, BINS)
+    model, _ = build_model(cfg, vocab)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and not name.startswith("backbone"):
+                nn.init.normal_(m.weight, std=m.in_features**-0.5)
+                nn.init.normal_(m.bias, std=0.1)
+        nn.init.normal_(model.token_embed.weight, std=0.1)
+        nn.init.normal_(model.pos_embed)
+        nn.init.normal_(model.out_bias, std=0.05)
+    model.eval()
+    return model, vocab
+
+
+@pytest.fixture(scope="module")
+def model_vocab():
+    return _make()
+
+
+@pytest.fixture(scope="module")
+def imgs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+    x[1] = x[1] // 4  # a dark one
+    x[2, :, : SIZE // 2] = 255  # one with a bright half
+    return x
+
+
+def _varied(tokens: torch.Tensor, vocab: Vocab) -> None:
+    """The equality tests are not vacuous: coordinates vary along the sequence and across images."""
+    coords = tokens[:, [i for i in range(tokens.shape[1]) if i % 5 != 4]]
+    assert len(set(coords.flatten().tolist())) >= 4
+    assert all(len(set(row.tolist())) >= 3 for row in coords)
+
+
+def _assert_same(a: GenerationOutput, b: GenerationOutput) -> None:
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.class_probs, b.class_probs, atol=1e-5, rtol=1e-4)
+
+
+def test_shapes_and_dtypes(model_vocab, imgs):
+    model, vocab = model_vocab
+    out = generate(model, imgs, vocab, N)
+    assert out.tokens.shape == (3, 5 * N) and out.tokens.dtype == torch.long
+    assert out.class_probs.shape == (3, N, NUM_CLASSES) and out.class_probs.dtype == torch.float32
+    assert (out.class_probs >= 0).all() and (out.class_probs.sum(-1) <= 1 + 1e-5).all()
+    empty = generate(model, imgs, vocab, 0)
+    assert empty.tokens.shape == (3, 0) and empty.class_probs.shape == (3, 0, NUM_CLASSES)
+    with pytest.raises(ValueError):
+        generate(model, imgs, vocab, N + 1)  # past max_seq_len
+    with pytest.raises(ValueError):
+        generate(model, imgs, vocab, N, cache="bogus")
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_caches_agree(model_vocab, imgs, method):
+    model, vocab = model_vocab
+    outs = {
+        c: generate(model, imgs, vocab, N, method=method, beam_size=3, cache=c)
+        for c in ("none", "self", "full")
+    }
+    _varied(outs["none"].tokens, vocab)
+    _assert_same(outs["none"], outs["self"])
+    _assert_same(outs["none"], outs["full"])
+
+
+def test_caches_agree_unconstrained(model_vocab, imgs):
+    model, vocab = model_vocab
+    ref = generate(model, imgs, vocab, N, constrained=False, cache="none")
+    _assert_same(ref, generate(model, imgs, vocab, N, constrained=False, cache="full"))
+
+
+def test_beam_width_one_equals_greedy(model_vocab, imgs):
+    model, vocab = model_vocab
+    for constrained in (True, False):
+        greedy = generate(model, imgs, vocab, N, constrained=constrained)
+        beam = generate(model, imgs, vocab, N, method="beam", beam_size=1, constrained=constrained)
+        _varied(greedy.tokens, vocab)
+        _assert_same(greedy, beam)
+
+
+def _sequence_logprob(model, imgs, vocab, tokens):
+    """Sum of constrained log-probabilities of ``tokens`` (teacher-forced, full decode)."""
+    from pix2seq.decoding import _position_biases
+
+    coord_bias, class_bias = _position_biases(vocab, imgs.device)
+    with torch.no_grad():
+        prefix = torch.cat([torch.ones_like(tokens[:, :1]), tokens[:, :-1]], 1)
+        logits = model(imgs, prefix).float()
+        bias = torch.stack([class_bias if i % 5 == 4 else coord_bias for i in range(tokens.shape[1])])
+        logp = (logits + bias).log_softmax(-1)
+    return logp.gather(2, tokens.unsqueeze(2)).squeeze(2).sum(1)
+
+
+def test_beam_search_finds_likely_sequences(model_vocab, imgs):
+    model, vocab = model_vocab
+    greedy = generate(model, imgs, vocab, N)
+    beam = generate(model, imgs, vocab, N, method="beam", beam_size=4)
+    lp_greedy = _sequence_logprob(model, imgs, vocab, greedy.tokens)
+    lp_beam = _sequence_logprob(model, imgs, vocab, beam.tokens)
+    assert torch.isfinite(lp_beam).all()
+    # with a 4-wide beam the result is at least as likely as greedy's here (not a theorem in general)
+    assert (lp_beam >= lp_greedy - 1e-4).all()
+    assert not torch.equal(beam.tokens, greedy.tokens)
+    # beam_size larger than the number of allowed tokens at the first positions still works
+    wide = generate(model, imgs[:1], vocab, 2, method="beam", beam_size=40)
+    assert vocab.is_coord(wide.tokens[:, :4]).all()
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_batch_equals_single_images(model_vocab, imgs, method):
+    model, vocab = model_vocab
+    batch = generate(model, imgs, vocab, N, method=method, beam_size=3)
+    _varied(batch.tokens, vocab)
+    assert len({tuple(r) for r in batch.tokens.tolist()}) > 1  # images decode differently
+    for i in range(3):
+        single = generate(model, imgs[i : i + 1], vocab, N, method=method, beam_size=3)
+        assert torch.equal(single.tokens, batch.tokens[i : i + 1])
+        torch.testing.assert_close(single.class_probs, batch.class_probs[i : i + 1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["greedy", "nucleus", "beam"])
+def test_constrained_positions(model_vocab, imgs, method):
+    model, vocab = model_vocab
+    g = torch.Generator().manual_seed(1)
+    out = generate(model, imgs, vocab, N, method=method, top_p=1.0, generator=g, beam_size=2)
+    coord_pos = [i for i in range(5 * N) if i % 5 != 4]
+    class_pos = [i for i in range(5 * N) if i % 5 == 4]
+    assert vocab.is_coord(out.tokens[:, coord_pos]).all()
+    cls = out.tokens[:, class_pos]
+    assert (vocab.is_class(cls) | (cls == NOISE)).all()
+
+
+def test_nucleus_is_reproducible_and_seeded(model_vocab, imgs):
+    model, vocab = model_vocab
+
+    def run(seed, top_p=1.0, cache="full"):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, imgs, vocab, N, method="nucleus", top_p=top_p, generator=g, cache=cache)
+
+    a, b = run(0), run(0)
+    _assert_same(a, b)
+    _varied(a.tokens, vocab)
+    assert not torch.equal(a.tokens, run(1).tokens)
+    _assert_same(a, run(0, cache="none"))
+    # a vanishing nucleus keeps only the top token: greedy
+    _assert_same(run(5, top_p=1e-9), generate(model, imgs, vocab, N))
+
+
+def test_memory_argument_and_training_mode_restored(model_vocab, imgs):
+    model, vocab = model_vocab
+    ref = generate(model, imgs, vocab, N)
+    with torch.no_grad():
+        mem = model.encode(imgs)
+    _assert_same(ref, generate(model, None, vocab, N, memory=mem))
+    model.train()
+    try:
+        _assert_same(ref, generate(model, imgs, vocab, N))  # decodes in eval mode (no dropout)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_bf16_autocast(model_vocab, imgs):
+    model, vocab = model_vocab
+    for cache in ("none", "full"):
+        out = generate(model, imgs, vocab, N, cache=cache, autocast_dtype=torch.bfloat16)
+        assert out.class_probs.dtype == torch.float32
+        assert vocab.is_coord(out.tokens[:, 0]).all()
+        assert torch.isfinite(out.class_probs).all()
+
+
+def test_sdpa_and_math_generate_agree(imgs):
+    m_math, vocab = _make("math")
+    m_sdpa, _ = _make("sdpa")
+    m_sdpa.load_state_dict(m_math.state_dict())
+    a = generate(m_math, imgs, vocab, N)
+    b = generate(m_sdpa, imgs, vocab, N)
+    _varied(a.tokens, vocab)
+    _assert_same(a, b)
+    beam_math = generate(m_math, imgs, vocab, N, method="beam", beam_size=3)
+    _assert_same(beam_math, generate(m_sdpa, imgs, vocab, N, method="beam", beam_size=3))
+
+
+def test_generate_reproduces_an_overfit_sequence():
+    """Teacher-forced training and autoregressive decoding agree: a memorised sequence comes back."""
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.model = ModelConfig(
+        backbone="resnet18", backbone_stage="layer3", d_model=64, encoder_layers=2, decoder_layers=2, heads=4,
+        mlp_dim=128, dropout=0.0, drop_path=0.0, attention="math",
+    )  # fmt: skip
+    cfg.tokenizer.bins, cfg.tokenizer.max_instances = BINS, MAX_INSTANCES
+    vocab = Vocab(NUM_CLASSES, BINS)
+    model, criterion = build_model(cfg, vocab)
+    g = torch.Generator().manual_seed(3)
+    img = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+    coords = torch.randint(vocab.coord_start, vocab.coord_end, (2, N, 4), generator=g)
+    classes = torch.randint(vocab.class_start, vocab.class_end, (2, N, 1), generator=g)
+    target = torch.cat(
+        [torch.cat([coords, classes], 2).view(2, 5 * N), torch.zeros(2, 1, dtype=torch.long)], 1
+    )
+    inputs = torch.cat([torch.ones(2, 1, dtype=torch.long), target[:, :-1]], 1)  # PROMPT = 1
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(120):
+        loss = criterion(model(img, inputs), target, torch.ones(target.shape))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3
+    for cache in ("none", "full"):
+        out = generate(model, img, vocab, N, cache=cache)
+        assert (out.tokens == target[:, :-1]).float().mean() >= 0.9
+    beam = generate(model, img, vocab, N, method="beam", beam_size=3)
+    assert (beam.tokens == target[:, :-1]).float().mean() >= 0.9
+    assert model.training
