@@ -7,6 +7,10 @@ UV   := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
+# `make train train.lr=1e-3 GPUS=2`: command-line assignments whose name has a dot are config overrides
+OVERRIDES := $(foreach v,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(v)))),$(v)))
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,4 +28,16 @@ lint: setup  ## ruff check + format check
 	$(PY) -m ruff check src tests pipeline bench scripts
 	$(PY) -m ruff format --check src tests pipeline bench scripts
 
-.PHONY: help setup test lint
+pipeline: setup  ## dvc repro: download -> prepare -> train -> evaluate (params.yaml)
+	.venv/bin/dvc repro
+
+train: setup  ## train (resumes from the last checkpoint); GPUS=N, key.sub=value overrides
+	$(PY) pipeline/train.py $(OVERRIDES)
+
+eval: setup  ## evaluate the best checkpoint; key.sub=value overrides
+	$(PY) pipeline/evaluate.py $(OVERRIDES)
+
+ui: setup  ## the MLflow UI on the repo's store (mlflow.db) at http://127.0.0.1:5000
+	.venv/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $${PORT:-5000}
+
+.PHONY: help setup test lint pipeline train eval ui

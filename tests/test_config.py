@@ -85,3 +85,8 @@ def test_missing_and_malformed_files(tmp_path):
     wrong.write_text("train:\n  lr: fast\n")
     with pytest.raises(ConfigError, match=r"^train.lr: .*\(in .*wrong.yaml\)"):
         load_config(wrong)
+
+
+def test_yaml_booleans_for_on_off_choices():
+    assert config_from_dict({"train": {"amp": False}}).train.amp == "off"
+    assert config_from_dict({}, ["train.amp=off"]).train.amp == "off"

@@ -107,6 +107,9 @@ class ModelConfig:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     pretrained: bool = False  # torchvision ImageNet weights (downloaded by torchvision on first use)
     backbone_stage: Literal["layer3", "layer4"] = "layer4"  # layer4 = C5 (stride 32)
+    # auto: frozen BN with pretrained weights, SyncBatchNorm on several GPUs, BatchNorm otherwise;
+    # group: GroupNorm, independent of the batch (exact multi-process equivalence on CPU)
+    backbone_norm: Literal["auto", "batch", "frozen", "group"] = "auto"
     d_model: int = 256
     encoder_layers: int = 6
     decoder_layers: int = 6
@@ -227,6 +230,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _build(tp, value, key)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("off" if not value else "on") in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
         if value not in choices:
             raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
         return value
@@ -345,12 +350,19 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename: readers never see half a file."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file a normal file's mode
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

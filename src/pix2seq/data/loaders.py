@@ -1,0 +1,86 @@
+"""What a training run needs from the data: loaders per epoch (resumable mid-epoch), categories,
+the evaluation ground truth and the manifests MLflow records as inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from pix2seq.config import Config
+from pix2seq.data.dataset import build_dataset, build_loader
+from pix2seq.data.prepare import annotation_path, manifest_path
+from pix2seq.data.sampler import set_epoch
+from pix2seq.vocab import Vocab
+
+
+@dataclass
+class DetectionData:
+    cfg: Config
+    distributed: bool
+    vocab: Vocab
+    categories: list[dict[str, Any]]
+    train_manifest: Path
+    val_manifest: Path
+    val_annotations: Path  # the original COCO json: crowd regions count as COCO counts them
+    _train: DataLoader | None = None
+    _val: DataLoader | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.cfg.data.source}:{Path(self.cfg.data.root).name}"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def label_to_category(self) -> list[int]:
+        return [int(c["id"]) for c in self.categories]
+
+    def _train_loader(self) -> DataLoader:
+        if self._train is None:
+            # Always a DistributedSampler (one replica on one process): N processes then see exactly
+            # the samples one process would, split between them, whatever N is.
+            from pix2seq import distributed as dist
+
+            self._train = build_loader(
+                self.cfg, self.cfg.data.train_split, train=True, vocab=self.vocab, distributed=True,
+                num_replicas=dist.get_world_size(), rank=dist.get_rank(),
+            )
+        return self._train
+
+    def train_batches_per_epoch(self) -> int:
+        return len(self._train_loader())
+
+    def train_loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
+        """The epoch's loader, starting after ``skip_batches`` batches (exact mid-epoch resume)."""
+        loader = self._train_loader()
+        set_epoch(loader, epoch)
+        loader.sampler.skip = skip_batches * loader.batch_size
+        return loader
+
+    def val_loader(self) -> DataLoader:
+        if self._val is None:
+            self._val = build_loader(self.cfg, self.cfg.data.val_split, train=False, distributed=self.distributed)
+        return self._val
+
+
+def load_detection_data(cfg: Config, distributed: bool = False) -> DetectionData:
+    d = cfg.data
+    train_m = manifest_path(d.prepared_dir, d.train_split)
+    val_m = manifest_path(d.prepared_dir, d.val_split)
+    categories = build_dataset(cfg, d.val_split, train=False).categories
+    vocab = Vocab(len(categories), cfg.tokenizer.bins, cfg.tokenizer.vocab_size)
+    return DetectionData(
+        cfg=cfg,
+        distributed=distributed,
+        vocab=vocab,
+        categories=categories,
+        train_manifest=train_m,
+        val_manifest=val_m,
+        val_annotations=annotation_path(Path(d.root), d.val_split),
+    )

@@ -1,0 +1,259 @@
+"""One training epoch and one evaluation pass, each returning a metric dict (DETR's engine.py).
+
+Everything distributed is agreed through collectives: the loss that is logged and checked is the
+mean over ranks, and the elapsed time that drives a wall-clock schedule is the ranks' mean, so every
+rank takes the same decisions (stop, evaluate, checkpoint) at the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pix2seq import distributed as dist
+from pix2seq.config import Config
+from pix2seq.decoding import generate
+from pix2seq.evaluation.coco import CocoResult, coco_evaluate, detections_to_coco
+from pix2seq.optim import WarmupLinearSchedule
+from pix2seq.tokenizer import tokens_to_detections
+from pix2seq.vocab import Vocab
+
+if TYPE_CHECKING:
+    from pix2seq.data.loaders import DetectionData
+
+
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0  # batches of `epoch` already consumed
+    global_step: int = 0
+    elapsed_s: float = 0.0  # training wall clock, summed over resumptions
+    best_metric: float = -1.0
+    history: dict[str, list] = field(default_factory=dict)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU and on CPU (measured faster here); None disables it."""
+    if amp == "off":
+        return None
+    return torch.bfloat16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    non_blocking = device.type == "cuda"
+    return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    schedule: WarmupLinearSchedule,
+    cfg: Config,
+    state: TrainState,
+    device: torch.device,
+    clock_start: float,
+    on_step: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[], None] | None = None,
+    num_batches: int | None = None,
+) -> dict[str, float]:
+    """Train until the epoch's batches or the budget run out; ``state`` is advanced in place.
+
+    ``loader`` must already start at batch ``state.step_in_epoch`` (the sampler skips the rest), so a
+    resumed epoch sees exactly the batches an uninterrupted one would.
+
+    Args:
+        clock_start: a virtual ``time.perf_counter()`` origin such that ``perf_counter() - clock_start``
+            is the training time so far, earlier runs of a resumed training included.
+        on_step: receives the step's logged values (rank 0 logs them).
+        on_checkpoint: called every ``train.checkpoint_every_steps`` optimizer steps.
+    Returns:
+        ``{"loss": mean loss, "images_per_s": ..., "steps": optimizer steps taken}``.
+    """
+    tcfg = cfg.train
+    model.train()
+    amp = autocast_dtype(tcfg.amp, device)
+    accum = tcfg.accumulate
+    loss_sum, loss_n, images, steps = 0.0, 0, 0, 0
+    t_epoch = time.perf_counter()
+    total = num_batches if num_batches is not None else (len(loader) if hasattr(loader, "__len__") else None)
+    bar = tqdm(loader, total=total, desc=f"epoch {state.epoch}", unit="batch", leave=False, disable=not dist.is_main(),
+               initial=state.step_in_epoch)
+    micro = 0
+    t_step = time.perf_counter()
+    for batch in bar:
+        batch = move_batch(batch, device)
+        last_micro = (micro + 1) % accum == 0
+        sync = contextlib.nullcontext()
+        if not last_micro and hasattr(model, "no_sync"):
+            sync = model.no_sync()
+        with sync:
+            with _autocast(device, amp):
+                logits = model(batch["image"], batch["input_tokens"])
+            loss = criterion(logits.float(), batch["target_tokens"], batch["token_weights"])
+            if dist.get_world_size() > 1:
+                # sum(w*CE)/sum(w) over the *global* batch: DDP averages gradients over ranks, so
+                # weigh each rank by its share of the token weights (exactly one big batch)
+                w_local = batch["token_weights"].sum()
+                loss = loss * (w_local / dist.all_reduce_mean(w_local.detach().clone()))
+            (loss / accum).backward()
+        micro += 1
+        images += batch["image"].shape[0]
+        if not last_micro:
+            continue
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+        # one collective agrees on the loss (for the NaN guard and logging) and the clock
+        now = time.perf_counter() - clock_start
+        agreed = dist.all_reduce_mean(torch.stack([loss.detach().double(), torch.tensor(now, dtype=torch.float64, device=loss.device)]))
+        loss_val, clock = float(agreed[0]), float(agreed[1])
+        if not math.isfinite(loss_val):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss_val}) at step {state.global_step + 1} "
+                f"(epoch {state.epoch}, batch {state.step_in_epoch + 1}); stopping before the optimizer step"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.global_step += 1
+        state.step_in_epoch += accum
+        state.elapsed_s = clock
+        schedule.step(elapsed_s=clock)
+        steps += 1
+        loss_sum += loss_val
+        loss_n += 1
+        dt = time.perf_counter() - t_step
+        t_step = time.perf_counter()
+        if on_step is not None and (state.global_step % tcfg.log_every_steps == 0 or state.global_step == 1):
+            on_step(
+                {
+                    "loss": loss_val,
+                    "lr": optimizer.param_groups[-1]["lr"],
+                    "grad_norm": float(grad_norm),
+                    "images_per_s": images * dist.get_world_size() / max(time.perf_counter() - t_epoch, 1e-9),
+                    "step_time_s": dt,
+                }
+            )
+        bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
+        if on_checkpoint is not None and state.global_step % tcfg.checkpoint_every_steps == 0:
+            on_checkpoint()
+        if schedule.done():
+            break
+    bar.close()
+    seconds = time.perf_counter() - t_epoch
+    return {
+        "loss": loss_sum / max(loss_n, 1),
+        "images_per_s": images * dist.get_world_size() / max(seconds, 1e-9),
+        "steps": float(steps),
+    }
+
+
+@torch.inference_mode()
+def predict_batches(
+    model: nn.Module,
+    loader: Iterable,
+    vocab: Vocab,
+    cfg: Config,
+    device: torch.device,
+    label_to_category: list[int],
+    keep_images: int = 0,
+) -> tuple[list[dict], list[int], list[dict]]:
+    """Decode every batch of ``loader`` (this rank's shard).
+
+    Returns:
+        COCO result dicts, the image ids seen, and up to ``keep_images`` samples
+        ({image, pred, gt}) for the prediction grid.
+    """
+    model.eval()
+    ecfg = cfg.eval
+    amp = autocast_dtype(cfg.train.amp, device)
+    results: list[dict] = []
+    seen: list[int] = []
+    samples: list[dict] = []
+    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not dist.is_main()):
+        images = batch["image"].to(device, non_blocking=device.type == "cuda")
+        out = generate(
+            model,
+            images,
+            vocab,
+            cfg.tokenizer.max_instances,
+            method=ecfg.decoding,
+            top_p=ecfg.top_p,
+            temperature=ecfg.temperature,
+            beam_size=ecfg.beam_size,
+            constrained=ecfg.constrained,
+            autocast_dtype=amp,
+        )
+        dets = tokens_to_detections(
+            out.tokens.cpu(), out.class_probs.float().cpu(), vocab, images.shape[-1], batch["scale"], batch["orig_size"]
+        )
+        ids = [int(i) for i in batch["image_id"]]
+        results.extend(detections_to_coco(ids, dets, label_to_category))
+        seen.extend(ids)
+        for j in range(len(ids)):
+            if len(samples) >= keep_images:
+                break
+            s = float(batch["scale"][j])
+            samples.append(
+                {
+                    "image": batch["image"][j].cpu(),
+                    "pred": {k: v.clone() for k, v in dets[j].items()},
+                    "gt_boxes": batch["boxes"][j] / s,
+                    "gt_labels": batch["labels"][j],
+                    "scale": s,
+                }
+            )
+    return results, seen, samples
+
+
+def evaluate_model(
+    model: nn.Module,
+    data: DetectionData,
+    vocab: Vocab,
+    cfg: Config,
+    device: torch.device,
+    keep_images: int = 0,
+) -> tuple[dict[str, float], CocoResult | None, list[dict]]:
+    """Distributed inference (each rank its shard) and COCO AP on rank 0.
+
+    Returns metrics (0-100; empty on other ranks), the full CocoResult (rank 0) and visual samples.
+    """
+    loader = data.val_loader()
+    results, seen, samples = predict_batches(
+        model, loader, vocab, cfg, device, data.label_to_category, keep_images=keep_images
+    )
+    gathered = dist.all_gather_object((results, seen))
+    if not dist.is_main():
+        return {}, None, []
+    all_results, all_ids, dup = [], set(), set()
+    for res, ids in gathered:
+        # DistributedSampler pads the last shard with repeated images: keep one copy of each
+        fresh = set(ids) - all_ids
+        dup |= set(ids) & all_ids
+        all_results.extend(r for r in res if r["image_id"] in fresh)
+        all_ids |= set(ids)
+    result = coco_evaluate(data.val_annotations, all_results, backend=cfg.eval.backend, img_ids=sorted(all_ids))
+    metrics = {k: float(result.metrics[k]) for k in METRIC_KEYS}
+    return metrics, result, samples

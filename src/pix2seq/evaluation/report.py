@@ -1,0 +1,99 @@
+"""The evaluate stage: a checkpoint on the validation split -> metrics.json, tables and plots.
+
+Outputs in ``eval.output_dir``: ``metrics.json`` (AP, AP50, AP75, APs, APm, APl, AR100 on 0-100,
+plus decoding speed), ``per_class.md``/``per_class.csv``, ``pr_curve.png`` and ``predictions.png``
+(validation images with predicted and true boxes). Everything is also logged to the training's
+MLflow run (the run id kept in ``train.output_dir``), so a run's page holds its final evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pix2seq import distributed as dist
+from pix2seq.checkpoint import CheckpointManager, load_checkpoint
+from pix2seq.config import Config, atomic_write_text, config_from_dict
+from pix2seq.data.loaders import load_detection_data
+from pix2seq.engine import evaluate_model
+from pix2seq.evaluation.plots import draw_detections, plot_pr_curve, save_grid, write_per_class_table
+from pix2seq.model import build_model
+from pix2seq.tracking import RunTracker
+from pix2seq.vocab import Vocab
+
+
+def checkpoint_for(cfg: Config) -> Path:
+    if cfg.eval.checkpoint:
+        return Path(cfg.eval.checkpoint)
+    manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints", keep=cfg.train.keep_checkpoints)
+    return manager.best_path if manager.best_path.exists() else manager.last_path
+
+
+def model_config(cfg: Config, stored: dict[str, Any]) -> Config:
+    """The stored run's model and tokenizer with this run's data and evaluation settings."""
+    merged = dict(stored)
+    merged["data"] = cfg.to_dict()["data"]
+    merged["eval"] = cfg.to_dict()["eval"]
+    return config_from_dict(merged)
+
+
+def run_evaluation(cfg: Config) -> dict[str, float]:
+    info = dist.init_distributed()
+    path = checkpoint_for(cfg)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no checkpoint to evaluate; train first (dvc repro train) or set eval.checkpoint")
+    ckpt = load_checkpoint(path, map_location="cpu")
+    mcfg = model_config(cfg, ckpt["config"])
+    vocab = Vocab(**ckpt["vocab"])
+    model, _ = build_model(mcfg, vocab)
+    model.load_state_dict(ckpt["model"])
+    model.to(info.device)
+    data = load_detection_data(mcfg, distributed=info.world_size > 1)
+    if data.num_classes != vocab.num_classes:
+        raise ValueError(f"{path}: the model knows {vocab.num_classes} categories, the dataset has {data.num_classes}")
+    t0 = time.perf_counter()
+    metrics, result, samples = evaluate_model(model, data, vocab, mcfg, info.device, keep_images=cfg.eval.num_vis)
+    seconds = time.perf_counter() - t0
+    if not info.is_main:
+        return {}
+    out = Path(cfg.eval.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_images = len(result.img_ids) if getattr(result, "img_ids", None) is not None else len(data.val_loader().dataset)
+    report = {**metrics, "images": n_images, "images_per_s": n_images / max(seconds, 1e-9),
+              "checkpoint": str(path), "global_step": int(ckpt.get("global_step", 0))}
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
+    write_per_class_table(result, out / "per_class.md", out / "per_class.csv")
+    plot_pr_curve(result, out / "pr_curve.png")
+    names = [c["name"] for c in data.categories]
+    drawn = [
+        draw_detections(s["image"], s["pred"]["boxes"] * s["scale"], s["pred"]["labels"], s["pred"]["scores"],
+                        s["gt_boxes"] * s["scale"], s["gt_labels"], names, score_thresh=0.3)
+        for s in samples
+    ]
+    if drawn:
+        save_grid(drawn, out / "predictions.png", nrow=4)
+    _log_to_run(cfg, out, report)
+    return metrics
+
+
+def _log_to_run(cfg: Config, out: Path, report: dict[str, Any]) -> None:
+    run_id_file = Path(cfg.train.output_dir) / "mlflow_run_id"
+    tracker = RunTracker(cfg, run_id_file=run_id_file, resume=run_id_file.exists(), log_system_metrics=False,
+                         run_name="evaluate")
+    tracker.start()
+    try:
+        tracker.log_metrics({k: v for k, v in report.items() if isinstance(v, int | float)}, step=report["global_step"])
+        for f in sorted(out.iterdir()):
+            if f.is_file():
+                tracker.log_artifact(f, "evaluation")
+    finally:
+        tracker.end("FINISHED")
+
+
+def describe(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.1f}" for k, v in metrics.items())
+
+
+

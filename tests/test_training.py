@@ -1,0 +1,167 @@
+"""The training engine: DDP equivalence, exact resume after SIGKILL, the NaN guard, MLflow records."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_train_config
+from pix2seq.checkpoint import load_checkpoint
+from pix2seq.config import load_config
+from pix2seq.engine import NonFiniteLossError
+from pix2seq.training import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+DETERMINISTIC = {  # no randomness in the data: N processes see exactly the samples 1 process sees
+    "data.augment": "none", "data.hflip": 0.0, "tokenizer.random_order": False,
+    "tokenizer.augment_sequence": False, "tokenizer.class_corruption": False,
+}
+
+
+def _env(store: str) -> dict[str, str]:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store, MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO / "src")
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("GPUS", None)
+    return env
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tiny_prepared, tmp_path_factory):
+    """One in-process training (world size 1) with a global batch of 4, tracked in a private store."""
+    root, prepared = tiny_prepared
+    tmp = tmp_path_factory.mktemp("single")
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = store
+    try:
+        cfg = load_config(None, tiny_train_config(root, prepared, tmp / "run", **DETERMINISTIC,
+                                                  **{"tracking.register": True, "train.eval_every_epochs": 1}))
+        result = run_training(cfg)
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+    return cfg, result, store, tmp
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(single_process_run, tiny_prepared, tmp_path):
+    cfg1, result1, _, _ = single_process_run
+    root, prepared = tiny_prepared
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    over = tiny_train_config(root, prepared, tmp_path / "ddp", **DETERMINISTIC,
+                             **{"train.batch_size": 2, "train.eval_every_epochs": 1})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "pipeline" / "train.py"), "--params", str(params), *over]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(f"sqlite:///{tmp_path / 'mlflow.db'}"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _weights(result1.output_dir), _weights(tmp_path / "ddp")
+    init = load_checkpoint(result1.output_dir / "checkpoints" / "last.pt")
+    assert init["global_step"] == load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")["global_step"] == 12
+    moved = 0
+    for k in one:
+        assert torch.allclose(one[k].float(), two[k].float(), rtol=1e-3, atol=2e-5), k
+        moved += 1
+    assert moved > 10
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_identical(tiny_prepared, tmp_path, mlflow_store):
+    root, prepared = tiny_prepared
+    # randomness everywhere: augmentation, object order, sequence noise, class corruption, dropout
+    over = {"data.augment": "lsj", "model.dropout": 0.1, "train.epochs": 3, "train.checkpoint_every_steps": 2,
+            "train.eval_every_epochs": 1}
+    ref_cfg = load_config(None, tiny_train_config(root, prepared, tmp_path / "ref", **over))
+    run_training(ref_cfg)
+
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    killed_dir = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "pipeline" / "train.py"), "--params", str(params),
+           *tiny_train_config(root, prepared, killed_dir, **over)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(mlflow_store), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((killed_dir / "checkpoints").glob("ckpt-*.pt")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    at_kill = load_checkpoint(killed_dir / "checkpoints" / "last.pt")["global_step"]
+    assert 0 < at_kill < 18, "the kill must land mid-training"
+
+    resumed = run_training(load_config(None, tiny_train_config(root, prepared, killed_dir, **over)))
+    assert resumed.global_step == 18
+    ref, res = _weights(tmp_path / "ref"), _weights(killed_dir)
+    for k in ref:
+        assert torch.equal(ref[k], res[k]), f"{k} differs after resume from step {at_kill}"
+
+
+def test_non_finite_loss_stops_naming_the_step(tiny_prepared, tmp_path, mlflow_store, monkeypatch):
+    import pix2seq.training as training
+
+    real_build = training.build_model
+
+    def build_with_nan(cfg, vocab):
+        model, criterion = real_build(cfg, vocab)
+        calls = {"n": 0}
+        forward = criterion.forward
+
+        def nan_on_third(*a, **k):
+            calls["n"] += 1
+            loss = forward(*a, **k)
+            return loss * float("nan") if calls["n"] == 3 else loss
+
+        criterion.forward = nan_on_third
+        return model, criterion
+
+    monkeypatch.setattr(training, "build_model", build_with_nan)
+    root, prepared = tiny_prepared
+    cfg = load_config(None, tiny_train_config(root, prepared, tmp_path / "nan", **{"train.checkpoint_every_steps": 1}))
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 \(epoch 0, batch 3\)"):
+        run_training(cfg)
+    # the last checkpoint is the healthy step 2, never the poisoned weights
+    last = load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_mlflow_run_reads_back(single_process_run):
+    from mlflow import MlflowClient
+
+    cfg, result, store, _ = single_process_run
+    client = MlflowClient(tracking_uri=store)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert float(run.data.params["train.lr"]) == pytest.approx(cfg.train.lr)
+    assert run.data.params["model.backbone"] == "resnet18"
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "train/loss", "train/lr", "train/grad_norm",
+                "train/images_per_s"):
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(result.run_id, "AP")) == 2  # one per epoch
+    assert "git.commit" in run.data.tags
+    assert {d.dataset.digest for d in run.inputs.dataset_inputs}
+    arts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert "config.yaml" in arts and "checkpoints" in arts and "train_summary.json" in arts
+    ckpts = {a.path for a in client.list_artifacts(result.run_id, "checkpoints")}
+    assert {"checkpoints/last.pt", "checkpoints/best.pt"} <= ckpts
+    mv = client.get_model_version_by_alias(cfg.tracking.model_name, "champion")
+    assert mv.run_id == result.run_id
+    losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
+    assert losses[-1] < losses[0]
