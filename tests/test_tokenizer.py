@@ -61,7 +61,7 @@ def test_boxes_tokens_boxes_identity():
 
 def test_random_order_permutes_objects():
     v = Vocab(num_classes=5, bins=256)
-    cfg = TokenizerConfig(bins=256, max_instances=10, augment_sequence=False, class_corruption=False)
+    cfg = TokenizerConfig(bins=256, max_instances=10, augment_sequence=False, class_corruption=False, order="random")
     boxes, labels = _boxes(6)
     orders = set()
     for s in range(10):
@@ -188,3 +188,18 @@ def test_tokens_to_detections_maps_back_to_original_pixels():
     tokens = torch.cat([big, torch.tensor([v.class_start])])[None]
     det = tokens_to_detections(tokens, probs, v, canvas, torch.tensor([scale]), torch.tensor([[200, 100]]))[0]
     assert det["boxes"].tolist() == [[0.0, 0.0, 100.0, 200.0]]
+
+
+def test_raster_and_area_orders():
+    v = Vocab(num_classes=5, bins=256)
+    boxes, labels = _boxes(6)
+    for how in ("raster", "area"):
+        cfg = TokenizerConfig(bins=256, max_instances=10, augment_sequence=False, class_corruption=False, order=how)
+        _, tgt, _ = build_sequence(boxes, labels, v, cfg, torch.Generator().manual_seed(0))
+        b, _ = sequence_to_objects(tgt, v)
+        if how == "raster":
+            rows = torch.floor(b[:, 1] * 16)
+            assert bool((rows[1:] >= rows[:-1]).all())
+        else:
+            area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+            assert bool((area[1:] <= area[:-1] + 1e-6).all())

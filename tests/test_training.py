@@ -20,7 +20,7 @@ from pix2seq.training import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 DETERMINISTIC = {  # no randomness in the data: N processes see exactly the samples 1 process sees
-    "data.augment": "none", "data.hflip": 0.0, "tokenizer.random_order": False,
+    "data.augment": "none", "data.hflip": 0.0, "tokenizer.order": "none",
     "tokenizer.augment_sequence": False, "tokenizer.class_corruption": False,
 }
 

@@ -88,7 +88,9 @@ class TokenizerConfig:
     bins: int = 1000
     max_instances: int = 100
     vocab_size: int = 0  # 0: derived (specials + classes + bins); else a fixed size that must fit
-    random_order: bool = True
+    # object order in a sequence: random (official, redrawn every time a sample is drawn), raster
+    # (top-to-bottom, then left-to-right), area (largest first) or none (annotation order)
+    order: Literal["random", "raster", "area", "none"] = "random"
     augment_sequence: bool = True  # fill every training sequence to max_instances with noise objects
     noise_duplicates: bool = True
     noise_shifted: bool = True

@@ -109,6 +109,21 @@ def _sort_corners(boxes: Tensor) -> Tensor:
 # ------------------------------------------------------------------------ boxes -> tokens
 
 
+def object_order(boxes01: Tensor, how: str, generator: torch.Generator | None) -> Tensor:
+    """Indices (N,) putting (N, 4) xyxy boxes in the sequence order ``how`` (see TokenizerConfig.order)."""
+    n = boxes01.shape[0]
+    if how == "random":
+        return torch.randperm(n, generator=generator)
+    if how == "raster":
+        # quantise ymin coarsely so objects on one "row" go left to right
+        key = torch.floor(boxes01[:, 1] * 16) * 4 + boxes01[:, 0]
+        return torch.argsort(key, stable=True)
+    if how == "area":
+        area = (boxes01[:, 2] - boxes01[:, 0]) * (boxes01[:, 3] - boxes01[:, 1])
+        return torch.argsort(-area, stable=True)
+    return torch.arange(n)
+
+
 def objects_to_tokens(boxes01: Tensor, class_tokens: Tensor, vocab: Vocab) -> Tensor:
     """(n, 4) xyxy in [0, 1] and (n,) class tokens -> (5n,) ``y0 x0 y1 x1 c`` per object."""
     coords = vocab.quantize(boxes01[:, [1, 0, 3, 2]])  # (n, 4) in yxyx order
@@ -128,7 +143,8 @@ def build_sequence(
     Args:
         boxes01: (N, 4) float xyxy normalised by the canvas side (values outside [0, 1] are clipped).
         labels: (N,) long contiguous labels in [0, num_classes).
-        train: False disables every random part (order, noise, corruption, dropout).
+        train: False disables every random part (order, noise, corruption, dropout) and keeps the
+            annotation order.
     Returns:
         input_tokens (T,) long, target_tokens (T,) long, token_weights (T,) float, T = 5*max_instances + 1.
     """
@@ -136,11 +152,7 @@ def build_sequence(
     T = sequence_length(m)
     boxes01 = boxes01.float().reshape(-1, 4).clamp(0.0, 1.0)
     labels = labels.long().reshape(-1)
-    n_all = boxes01.shape[0]
-    if train and tcfg.random_order:
-        order = torch.randperm(n_all, generator=generator)[:m]
-    else:
-        order = torch.arange(min(n_all, m))
+    order = object_order(boxes01, tcfg.order if train else "none", generator)[:m]
     real = boxes01[order]
     real_cls = vocab.label_to_token(labels[order])
     n = real.shape[0]

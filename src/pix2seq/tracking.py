@@ -22,13 +22,14 @@ current champion's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlparse
@@ -162,6 +163,29 @@ def _manifest_profile(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- runs
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Serialise the first contact with a local sqlite store across processes.
+
+    MLflow creates and migrates a new sqlite database on first use; two processes doing it at once
+    (tuning workers, torchrun jobs sharing ``mlflow.db``) race and one fails with
+    "duplicate column name". An advisory file lock beside the database prevents it.
+    """
+    db = _local_sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class RunTracker:
     """One MLflow run: start (new, nested or resumed), log, end. A no-op when ``enabled=False``.
 
@@ -291,7 +315,8 @@ class RunTracker:
         self.tracking_uri = self.tracking_uri or default_tracking_uri()
         mlflow.set_tracking_uri(self.tracking_uri)
         self._client = None
-        self.experiment_id = self._experiment_id()
+        with _sqlite_init_lock(self.tracking_uri):
+            self.experiment_id = self._experiment_id()
         system = self._system_metrics_ok()
 
         rid = self._resumable_run_id()

@@ -227,7 +227,10 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
             finished = state.epoch >= cfg.train.epochs or schedule.done()
             is_best = False
             if due or finished:
+                t_eval = time.perf_counter()
                 metrics, _, _ = evaluate_model(model_without_ddp, data, vocab, cfg, device)
+                # a wall-clock budget is training time: shift the clock's origin past the evaluation
+                clock_start += dist.all_reduce_mean(torch.tensor(time.perf_counter() - t_eval, dtype=torch.float64)).item()
                 last_eval_clock = state.elapsed_s
                 evaluated_at = state.global_step
                 if info.is_main:
@@ -265,18 +268,18 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
 
 def _log_checkpoints_and_model(tracker: RunTracker, manager: CheckpointManager, cfg: Config, hooks: TrainHooks,
                                state: TrainState) -> None:
-    """Best and last checkpoints as artifacts; the pyfunc model from the best one, registered."""
-    if not tracker.active:
-        return
+    """Export the best model to ``<output_dir>/model.pt``; log checkpoints and the pyfunc model (registered)."""
     from pix2seq.serving import export_model_file, log_pyfunc_model
 
-    for p in (manager.last_path, manager.best_path):
-        if p.exists():
-            tracker.log_artifact(p, "checkpoints")
     best = manager.best_path if manager.best_path.exists() else manager.last_path
     if not best.exists():
         return
     slim = export_model_file(best, Path(cfg.train.output_dir) / "model.pt")
+    if not tracker.active:
+        return
+    for p in (manager.last_path, manager.best_path):
+        if p.exists():
+            tracker.log_artifact(p, "checkpoints")
     register = cfg.tracking.register if hooks.register_model is None else hooks.register_model
     log_pyfunc_model(tracker, slim, cfg, register=register, ap=state.best_metric)
 

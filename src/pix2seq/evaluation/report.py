@@ -25,8 +25,12 @@ from pix2seq.vocab import Vocab
 
 
 def checkpoint_for(cfg: Config) -> Path:
+    """``eval.checkpoint``, else the exported best model, else the best/last training checkpoint."""
     if cfg.eval.checkpoint:
         return Path(cfg.eval.checkpoint)
+    exported = Path(cfg.train.output_dir) / "model.pt"
+    if exported.exists():
+        return exported
     manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints", keep=cfg.train.keep_checkpoints)
     return manager.best_path if manager.best_path.exists() else manager.last_path
 
