@@ -235,7 +235,9 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
                 evaluated_at = state.global_step
                 if info.is_main:
                     tracker.log_metrics(metrics, step=state.global_step)
-                    state.history.setdefault("AP", []).append((state.global_step, metrics["AP"]))
+                    for key, value in (("AP", metrics["AP"]), ("AP50", metrics["AP50"]),
+                                       ("train_minutes", state.elapsed_s / 60)):
+                        state.history.setdefault(key, []).append((state.global_step, value))
                     is_best = metrics["AP"] > state.best_metric
                     state.best_metric = max(state.best_metric, metrics["AP"])
                     print(f"epoch {state.epoch} step {state.global_step}: " + " ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
