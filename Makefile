@@ -38,6 +38,24 @@ eval: setup  ## evaluate the best checkpoint; key.sub=value overrides
 	$(PY) pipeline/evaluate.py $(OVERRIDES)
 
 ui: setup  ## the MLflow UI on the repo's store (mlflow.db) at http://127.0.0.1:5000
+	@case "$${MLFLOW_TRACKING_URI:-}" in http://*|https://*) echo "MLFLOW_TRACKING_URI is a tracking server: open $$MLFLOW_TRACKING_URI in a browser"; exit 0;; esac; \
 	.venv/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $${PORT:-5000}
 
 .PHONY: help setup test lint pipeline train eval ui
+
+# `make predict IMAGES="a.jpg photos/" [MODEL=models:/pix2seq@champion|path/model.pt] [OUT=reports/predict]
+#  [DEVICE=auto|cpu|cuda] [SCORE=0.3] [eval.decoding=beam ...]`
+predict: setup  ## detect objects: IMAGES="a.jpg dir/" [MODEL=uri|model.pt] [OUT=dir] [DEVICE=cpu] [SCORE=0.3]
+	@test -n "$(IMAGES)" || { echo "usage: make predict IMAGES='img.jpg folder/' [MODEL=models:/pix2seq@champion] [OUT=reports/predict]" >&2; exit 2; }
+	$(PY) -m pix2seq.cli predict $(IMAGES) --model "$(or $(MODEL),models:/pix2seq@champion)" --out "$(or $(OUT),reports/predict)" \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(SCORE),--score-threshold $(SCORE)) $(filter-out $(IMAGES),$(OVERRIDES))
+
+mlflow-server: setup  ## team MLflow server: MLFLOW_BACKEND_STORE_URI=postgresql://... [MLFLOW_ARTIFACTS_DESTINATION MLFLOW_HOST MLFLOW_PORT]
+	bash scripts/mlflow_server.sh
+
+.PHONY: predict mlflow-server
+
+bench: setup  ## benchmarks: decoding caches, training step, loader, COCO eval (GPU if any) -> table + reports/bench.json
+	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+.PHONY: bench

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +34,75 @@ def resolve_device(device: str) -> torch.device:
 
 
 def read_image(source: str | os.PathLike[str] | bytes) -> torch.Tensor:
-    """A file path or encoded bytes -> uint8 RGB (3, H, W); ImageReadError names what failed."""
+    """A file path or encoded bytes -> uint8 RGB (3, H, W); ImageReadError names what failed.
+
+    JPEG, PNG (8 or 16 bit), WebP and GIF (first frame) through torchvision, other formats Pillow
+    reads (BMP, TIFF, ...) through Pillow; the EXIF orientation is applied, so boxes refer to the
+    image as viewers show it.
+    """
     name = "<bytes>" if isinstance(source, bytes | bytearray) else str(source)
+    if isinstance(source, bytes | bytearray):
+        data = bytes(source)
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise ImageReadError(f"{name}: no such image file")
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ImageReadError(f"{name}: cannot read ({e.strerror or e})") from None
+    if not data:
+        raise ImageReadError(f"{name}: empty file")
     try:
-        if isinstance(source, bytes | bytearray):
-            raw = torch.frombuffer(bytearray(source), dtype=torch.uint8)
-        else:
-            p = Path(source)
-            if not p.is_file():
-                raise ImageReadError(f"{name}: no such image file")
-            raw = torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
-        return decode_image(raw, mode=ImageReadMode.RGB)
-    except ImageReadError:
-        raise
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        img = decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except Exception as e:  # torchvision raises RuntimeError for corrupt or unknown formats
-        raise ImageReadError(f"{name}: cannot decode image ({e})") from None
+        img = _read_with_pillow(data)
+        if img is None:
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            first = re.sub(r"^\w+, \S+\.cpp:\d+, ", "", first)  # torchvision's C++ source location
+            if first.startswith("Unsupported image file"):  # and Pillow did not know it either
+                first = "not a JPEG, PNG, WebP, GIF or other format Pillow reads"
+            raise ImageReadError(f"{name}: cannot decode image ({first})") from None
+    if img.ndim == 4:  # animated GIF: (frames, 3, H, W)
+        img = img[0]
+    if img.dtype == torch.uint16:  # 16-bit PNG
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    elif img.dtype != torch.uint8:
+        raise ImageReadError(f"{name}: unsupported pixel type {img.dtype}")
+    if img.shape[-1] < 1 or img.shape[-2] < 1:
+        raise ImageReadError(f"{name}: empty image ({img.shape[-2]}x{img.shape[-1]})")
+    return img.contiguous()
+
+
+def _read_with_pillow(data: bytes) -> torch.Tensor | None:
+    """Formats torchvision cannot decode; None when Pillow cannot either."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            arr = np.array(im, dtype=np.uint8)
+    except Exception:  # noqa: BLE001 - PIL raises many types for bad files
+        return None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _inference_build_config(cfg):
+    """``cfg`` for building the network whose weights a checkpoint then fills: never fetch ImageNet
+    weights (that needs the network, and they are overwritten anyway), same normalisation layers."""
+    import copy
+
+    if not cfg.model.pretrained:
+        return cfg
+    out = copy.deepcopy(cfg)
+    if out.model.backbone_norm == "auto":
+        out.model.backbone_norm = "frozen"  # what "auto" means with pretrained weights
+    out.model.pretrained = False
+    return out
 
 
 class Predictor:
@@ -68,7 +123,7 @@ class Predictor:
         self.vocab = Vocab(**ckpt["vocab"])
         self.categories: list[dict[str, Any]] = list(ckpt["categories"])
         self.device = resolve_device(device)
-        self.model, _ = build_model(self.cfg, self.vocab)
+        self.model, _ = build_model(_inference_build_config(self.cfg), self.vocab)
         self.model.load_state_dict(ckpt["model"])
         self.model.to(self.device).eval()
         self.canvas = self.cfg.data.image_size

@@ -1,16 +1,31 @@
 """The servable MLflow pyfunc model: image in, boxes / labels / scores out.
 
 Input (``mlflow models serve`` or ``mlflow.pyfunc.load_model(...).predict``): a DataFrame with a
-column ``image`` holding base64-encoded image files (JPEG/PNG), or a list of such strings.
+column ``image`` holding base64-encoded image files (JPEG/PNG/WebP; ``data:image/...;base64,``
+prefixes and line breaks are accepted), a ``{"image": [...]}`` dict, or a list of such strings
+(or of raw bytes). Param ``score_threshold`` (default 0.0) drops weaker detections.
 Output: a DataFrame, one row per image, with list-valued columns ``boxes`` (xyxy pixels),
 ``scores``, ``labels``, ``category_ids`` and ``names``.
+
+Over HTTP (``mlflow models serve -m models:/pix2seq@champion --env-manager local``; the venv's
+``bin`` must be on PATH: MLflow starts ``uvicorn`` by name)::
+
+    POST /invocations  {"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]},
+                        "params": {"score_threshold": 0.3}}
+    POST /invocations  {"inputs": {"image": ["<base64>", ...]}}
+    -> {"predictions": [{"boxes": [[x0, y0, x1, y1], ...], "scores": [...], "labels": [...],
+                         "category_ids": [...], "names": [...]}, ...]}
+
+``PIX2SEQ_DEVICE`` (default ``auto``) picks the device the served model runs on.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import mlflow.pyfunc
 import torch
@@ -27,6 +42,7 @@ def export_model_file(checkpoint: str | Path, dest: str | Path) -> Path:
     """A training checkpoint -> a slim file (weights, config, vocab, categories; no optimizer state)."""
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     slim = {k: ckpt[k] for k in ("model", "config", "vocab", "categories")}
+    slim.update({k: ckpt[k] for k in ("global_step", "best_metric") if k in ckpt})
     slim["model"] = {k: v.float() if torch.is_floating_point(v) else v for k, v in slim["model"].items()}
     return save_checkpoint(dest, slim)
 
@@ -37,29 +53,97 @@ class Pix2SeqPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from pix2seq.inference import Predictor
 
-        self.predictor = Predictor(context.artifacts[ARTIFACT], device="auto")
+        device = os.environ.get("PIX2SEQ_DEVICE", "auto").strip() or "auto"
+        self.predictor = Predictor(context.artifacts[ARTIFACT], device=device)
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would build a schema from them
         import pandas as pd
 
-        from pix2seq.inference import read_image
+        from pix2seq.inference import ImageReadError, read_image
 
-        if isinstance(model_input, pd.DataFrame):
-            if "image" not in model_input.columns:
-                raise ValueError("model input: expected a column named 'image' with base64-encoded image files")
-            values = list(model_input["image"])
-        else:
-            values = list(model_input)
         images = []
-        for i, v in enumerate(values):
-            raw = v if isinstance(v, bytes | bytearray) else base64.b64decode(str(v), validate=False)
-            images.append(read_image(bytes(raw)) if raw else _bad(i))
-        threshold = float((params or {}).get("score_threshold", 0.0))
-        return pd.DataFrame(self.predictor.predict(images, score_threshold=threshold))
+        for i, v in enumerate(_image_values(model_input)):
+            try:
+                images.append(read_image(_decode(i, v)))
+            except ImageReadError as e:
+                _bad_input(f"model input row {i}: {str(e).removeprefix('<bytes>: ')}")
+        try:
+            threshold = float((params or {}).get("score_threshold", 0.0) or 0.0)
+        except (TypeError, ValueError):
+            _bad_input(f"params: score_threshold must be a number, got {params.get('score_threshold')!r}")
+        rows = self.predictor.predict(images, score_threshold=threshold) if images else []
+        return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 
 
-def _bad(i: int) -> torch.Tensor:
-    raise ValueError(f"model input row {i}: empty image")
+OUTPUT_COLUMNS = ("boxes", "scores", "labels", "category_ids", "names")
+
+
+def _bad_input(message: str) -> NoReturn:
+    from mlflow.exceptions import MlflowException
+
+    raise MlflowException.invalid_parameter_value(message)  # HTTP 400 with this message when served
+
+
+def _image_values(model_input: Any) -> list[Any]:
+    """The encoded images of every accepted input layout, in order."""
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if "image" in model_input.columns:
+            return list(model_input["image"])
+        if model_input.shape[1] == 1 and not isinstance(model_input.columns[0], str):  # unnamed column
+            return list(model_input.iloc[:, 0])
+        _bad_input(
+            f"model input: expected a column named 'image' with base64-encoded image files, "
+            f"got columns {list(model_input.columns)}"
+        )
+    if isinstance(model_input, pd.Series):
+        return list(model_input)
+    if isinstance(model_input, dict):
+        if "image" not in model_input:
+            _bad_input(f"model input: expected the key 'image', got {sorted(map(str, model_input))}")
+        v = model_input["image"]
+        return [v] if isinstance(v, str | bytes | bytearray) else list(np.asarray(v, dtype=object).reshape(-1))
+    if isinstance(model_input, str | bytes | bytearray):
+        return [model_input]
+    if isinstance(model_input, np.ndarray):
+        return list(model_input.reshape(-1))
+    values = list(model_input)
+    return [v["image"] if isinstance(v, dict) and "image" in v else v for v in values]
+
+
+def _decode(i: int, value: Any) -> bytes:
+    """One input cell -> the encoded image's bytes (raw bytes pass through; strings are base64)."""
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.startswith("data:") and "," in text:  # data:image/jpeg;base64,....
+            text = text.split(",", 1)[1]
+        text = "".join(text.split())  # `base64` wraps lines at 76 characters
+        altchars = b"-_" if ("-" in text or "_" in text) else None  # the URL-safe alphabet
+        try:
+            raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
+        except (binascii.Error, ValueError):
+            _bad_input(f"model input row {i}: not a base64-encoded image file")
+    else:
+        _bad_input(f"model input row {i}: expected a base64 string, got {type(value).__name__}")
+    if not raw:
+        _bad_input(f"model input row {i}: empty image")
+    return raw
+
+
+def model_signature():
+    """Input: a string column ``image``; param ``score_threshold``. Without a params schema MLflow
+    drops every param at predict time, so the threshold could not be passed at all."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        params=ParamSchema([ParamSpec("score_threshold", "double", 0.0)]),
+    )
 
 
 def log_pyfunc_model(tracker: Any, model_file: Path, cfg: Config, register: bool, ap: float) -> str | None:
@@ -77,6 +161,7 @@ def log_pyfunc_model(tracker: Any, model_file: Path, cfg: Config, register: bool
             artifacts={ARTIFACT: str(model_file)},
             code_paths=[str(_SRC)],
             pip_requirements=_requirements(),
+            signature=model_signature(),
         )
     if not register:
         return info.model_uri
