@@ -59,3 +59,23 @@ bench: setup  ## benchmarks: decoding caches, training step, loader, COCO eval (
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 .PHONY: bench
+
+# `make tune tune.n_trials=3 tune.trial_minutes=0.5`: the named study (tune.study_name in tune.storage)
+# resumes where it stopped; GPUS=N runs every trial as one torchrun job on N GPUs.
+# More workers on the same study, on any machine (share MLFLOW_TRACKING_URI too for one MLflow study run):
+#   make tune-worker STORAGE=postgresql://user@db-host/optuna      (CUDA_VISIBLE_DEVICES=i GPUS=1: a worker per GPU)
+tune: setup  ## Optuna study over train.lr x train.batch_repeat -> reports/best_params.json; key.sub=value overrides
+	$(PY) pipeline/tune.py $(if $(STORAGE),"tune.storage=$(STORAGE)") $(OVERRIDES)
+
+tune-worker: setup  ## one more worker on the study: STORAGE=postgresql://... (default: tune.storage)
+	$(PY) pipeline/tune.py --worker $(if $(STORAGE),"tune.storage=$(STORAGE)") $(OVERRIDES)
+
+train-best: setup  ## train with the best params of `make tune` (reports/best_params.json); key.sub=value overrides
+	@best="$$($(PY) pipeline/tune.py --best-overrides $(OVERRIDES))" && echo "best params: $$best" && \
+	set -x && $(PY) pipeline/train.py $$best $(OVERRIDES)
+
+dashboard: setup  ## optuna-dashboard on the study storage at http://127.0.0.1:8080 (PORT=..., STORAGE=...)
+	.venv/bin/optuna-dashboard "$$($(PY) pipeline/tune.py --print-storage $(if $(STORAGE),"tune.storage=$(STORAGE)") $(OVERRIDES))" \
+		--host 127.0.0.1 --port $${PORT:-8080}
+
+.PHONY: tune tune-worker train-best dashboard

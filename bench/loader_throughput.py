@@ -7,7 +7,9 @@ RepeatSampler, workers, collate) at canvas --image-size with --augment.
     .venv/bin/python bench/loader_throughput.py                       # 640 px, lsj, 2 workers
     .venv/bin/python bench/loader_throughput.py --workers 4 --augment detr --json
 
-Prints a human line and, with --json, one JSON object (for the benchmark suite).
+Prints a human line and, with --json, one JSON object (for the benchmark suite). The pieces are
+reusable: :func:`ensure_dataset` (the cached generated dataset) and :func:`measure_loader` (the
+timing loop), which bench/train_step.py uses to compare the loader with the training step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,68 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+DEFAULT_DATA_DIR = os.path.join(tempfile.gettempdir(), "pix2seq-bench-loader")
+
+
+def ensure_dataset(
+    source_size: int,
+    num_images: int,
+    data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR,
+    num_classes: int = 10,
+    max_objects: int = 12,
+    min_object_size: int | None = None,
+    max_object_size: int | None = None,
+) -> tuple[Path, Path, float]:
+    """``(root, prepared_dir, seconds)`` of a generated + prepared dataset (built once, then cached:
+    generation and preparation are idempotent)."""
+    from pix2seq.config import GeneratedDataConfig, PrepareConfig
+    from pix2seq.data.prepare import prepare_dataset
+    from pix2seq.data.synthetic import write_generated_dataset
+
+    base = Path(data_dir) / f"gen{source_size}-n{num_images}"
+    if num_classes != 10 or max_objects != 12:
+        base = base.with_name(base.name + f"-c{num_classes}-o{max_objects}")
+    root, prepared = base / "data", base / "prepared"
+    gcfg = GeneratedDataConfig(
+        image_size=source_size,
+        num_train=num_images,
+        num_val=1,
+        num_classes=num_classes,
+        min_objects=1,
+        max_objects=max_objects,
+        min_object_size=min_object_size or max(2, source_size // 40),
+        max_object_size=max_object_size or source_size // 3,
+    )
+    t0 = time.perf_counter()
+    write_generated_dataset(gcfg, root)
+    prepare_dataset(root, ["train2017", "val2017"], prepared, None, PrepareConfig(), progress=False)
+    return root, prepared, time.perf_counter() - t0
+
+
+def measure_loader(loader, warmup: int, batches: int) -> dict:
+    """Iterate ``loader`` (across epochs when needed): ``warmup`` batches untimed, then ``batches``
+    timed. Returns samples, seconds and samples/s."""
+    need = warmup + batches
+    samples = 0
+    epoch = 0
+    t_start = time.perf_counter() if warmup <= 0 else None
+    n = 0
+    while n < need:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            n += 1
+            if n == warmup:
+                t_start = time.perf_counter()
+            elif n > warmup:
+                samples += batch["image"].shape[0]
+            if n >= need:
+                break
+        epoch += 1
+    elapsed = time.perf_counter() - (t_start or time.perf_counter())
+    rate = samples / elapsed if elapsed > 0 else float("nan")
+    return {"samples": samples, "seconds": elapsed, "samples_per_s": rate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bins", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=3, help="batches not timed")
     ap.add_argument("--batches", type=int, default=30, help="batches timed")
-    ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "pix2seq-bench-loader"))
+    ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -43,27 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import torch
 
-    from pix2seq.config import GeneratedDataConfig, PrepareConfig, config_from_dict
+    from pix2seq.config import config_from_dict
     from pix2seq.data.dataset import build_loader, build_vocab
-    from pix2seq.data.prepare import prepare_dataset
-    from pix2seq.data.synthetic import write_generated_dataset
 
-    base = Path(args.data_dir) / f"gen{args.source_size}-n{args.num_images}"
-    root, prepared = base / "data", base / "prepared"
-    gcfg = GeneratedDataConfig(
-        image_size=args.source_size,
-        num_train=args.num_images,
-        num_val=1,
-        num_classes=10,
-        min_objects=1,
-        max_objects=12,
-        min_object_size=max(2, args.source_size // 40),
-        max_object_size=args.source_size // 3,
-    )
-    t0 = time.perf_counter()
-    write_generated_dataset(gcfg, root)
-    prepare_dataset(root, ["train2017", "val2017"], prepared, None, PrepareConfig(), progress=False)
-    setup_s = time.perf_counter() - t0
+    root, prepared, setup_s = ensure_dataset(args.source_size, args.num_images, args.data_dir)
 
     cfg = config_from_dict(
         {
@@ -82,24 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = build_vocab(cfg)
     loader = build_loader(cfg, cfg.data.train_split, train=True, vocab=vocab)
     per_batch = loader.batch_size
-    need = args.warmup + args.batches
-    samples = 0
-    epoch = 0
-    t_start = None
-    n = 0
-    while n < need:
-        loader.sampler.set_epoch(epoch)
-        for batch in loader:
-            n += 1
-            if n == args.warmup:
-                t_start = time.perf_counter()
-            elif n > args.warmup:
-                samples += batch["image"].shape[0]
-            if n >= need:
-                break
-        epoch += 1
-    elapsed = time.perf_counter() - (t_start or time.perf_counter())
-    rate = samples / elapsed if elapsed > 0 else float("nan")
+    rate = measure_loader(loader, args.warmup, args.batches)["samples_per_s"]
     result = {
         "metric": "loader_samples_per_s",
         "value": round(rate, 2),

@@ -1,0 +1,197 @@
+"""Smoke test of the benchmark suite (bench/): every code path on tiny shapes.
+
+Correctness only: the JSON report's structure, the equality checks, the capped-recompute
+extrapolation, the no-GPU path and the GPU code on the CPU. No speed assertions (speed targets
+live in the benchmarks, measured by ``make bench``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import decode, gpu, run_all  # noqa: E402
+from bench.run_all import TINY_DECODE, TINY_MODEL_SET  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """The whole suite, tiny and in-process: (report dict, printed table)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "bench.json"
+    rc = run_all.main(
+        [
+            "--tiny",
+            "--inprocess",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(tmp / "data"),
+            "--results-dir",
+            str(tmp / "results"),
+        ]
+    )
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    return rep, run_all.format_table(rep)
+
+
+def test_report_structure(report):
+    rep, table = report
+    m = rep["machine"]
+    for key in ("cpu_count", "torch", "torch_threads", "date", "cpu_model"):
+        assert m[key] is not None
+    assert rep["threads"] == 1
+    assert [s["name"] for s in rep["steps"]][:1] == ["decode"]
+    assert all(s["rc"] == 0 for s in rep["steps"])
+    assert "DECODING" in table and "TRAINING" in table and "COCO EVAL" in table
+
+
+def test_decode_section(report):
+    d = report[0]["decode"]
+    assert d["identical_outputs"] is True
+    assert d["speedup_vs_recompute"] > 0 and d["speedup_vs_selfattn_cache"] > 0
+    assert set(d["targets_met"]) == {"speedup_vs_recompute", "speedup_vs_selfattn_cache"}
+    for p in d["batches"].values():
+        assert set(p["variants"]) == {"recompute", "selfattn_cache", "full_cache"}
+        for v in p["variants"].values():
+            assert v["whole"]["images_per_s"] > 0 and v["decode_only"]["images_per_s"] > 0
+        assert p["speedup"]["whole"]["vs_recompute"] > 0
+        assert all(c.startswith("identical") for c in p["checks"].values())
+        assert p["diversity"]["distinct_coord_tokens"] >= 1
+
+
+def test_train_and_loader_sections(report):
+    rep = report[0]
+    assert set(rep["train"]) == {"coco", "demo"}
+    for preset, e in rep["train"].items():
+        assert set(e["amp"]) == {"bf16", "fp32"}, preset
+        for r in e["amp"].values():
+            assert r["losses_finite"] and r["images_per_s"] > 0 and r["peak_rss_mb"] > 0
+            assert set(r["split_ms"]) == {"data_wait", "h2d", "forward", "backward", "optimizer"}
+        lo = rep["loader"][preset]
+        assert lo["loader_samples_per_s_alone"] > 0
+        assert all(c["loader_headroom"] > 0 for c in lo["per_amp"].values())
+    assert rep["train"]["demo"]["config"]["batch_size"] == 2  # the tiny override applies
+
+
+def test_coco_eval_and_gpu_sections(report):
+    rep, table = report
+    ce = rep["coco_eval"]
+    assert ce["metrics_equal"] and ce["metrics_compared"] == 12
+    assert ce["faster_coco_eval"]["best_s"] > 0 and ce["pycocotools"]["best_s"] > 0
+    if not torch.cuda.is_available():
+        assert rep["gpu"] is None
+        assert "no GPU" in table
+
+
+@pytest.mark.parametrize("batch", ["1", "2"])
+def test_recompute_cap_extrapolates(tmp_path, batch):
+    """A capped (a) call, whole (batch 1) or decode-only with a composed whole call (batch 2):
+    labelled, extrapolated, and its decoded prefix equals (c)'s."""
+    out = tmp_path / "d.json"
+    cap = "--cap-s" if batch == "1" else "--cap-s-batched"
+    argv = TINY_DECODE + ["--batches", batch, "--num-objects", "4", cap, "0", "--json-out", str(out)]
+    assert decode.main(argv) == 0
+    p = json.loads(out.read_text())["batches"][batch]
+    v = p["variants"]["recompute"]
+    for mode in ("whole", "decode_only"):
+        assert (
+            v[mode]["measured"] == "extrapolated" and v[mode]["measured_steps"] >= decode.MIN_MEASURED_STEPS
+        )
+        assert 0 < v[mode]["lower_bound_s"] <= v[mode]["estimate_s"]
+        assert "vs_recompute_at_least" in p["speedup"][mode]
+    assert v["whole"]["estimate_s"] > v["decode_only"]["estimate_s"]  # the encoder is in the whole call
+    mode = "whole" if batch == "1" else "decode_only"
+    assert p["checks"][f"recompute/{mode}"].startswith("identical on the")
+    assert p["whole_call"].startswith("measured" if batch == "1" else "composed")
+
+
+def test_extrapolate_linear_steps():
+    """Steps costing 1 + 0.1 t: the fit recovers the full duration; the lower bound stays below it."""
+    length, k = 100, 30
+    d = [1.0 + 0.1 * t for t in range(length)]
+    starts = [sum(d[:t]) for t in range(k)]
+    stop = sum(d[:k])
+    ex = decode.extrapolate(starts, stop, stop, length)
+    assert ex["estimate_s"] == pytest.approx(sum(d), rel=1e-3)
+    assert ex["lower_bound_s"] < ex["estimate_s"]
+
+
+def test_gpu_code_on_cpu(tmp_path):
+    """bench/gpu.py's code paths (FLOP count, MFU, variants, eval, cache comparison) on the CPU."""
+    sets = [
+        x
+        for s in TINY_MODEL_SET
+        for x in ("--set", s)
+        if not s.startswith(("data.image_size", "tokenizer.max"))
+    ]
+    out = tmp_path / "g.json"
+    argv = [
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "results"),
+        "--image-size",
+        "64",
+        "--num-objects",
+        "3",
+        "--num-classes",
+        "4",
+        "--batch",
+        "2",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--variants",
+        "eager,channels_last",
+        "--eval-batch",
+        "2",
+        "--eval-repeats",
+        "1",
+        "--cap-s",
+        "30",
+        "--peak-tflops",
+        "1",
+        "--json-out",
+        str(out),
+        *sets,
+    ]
+    assert gpu.main(argv) == 0
+    g = json.loads(out.read_text())["gpu"]
+    assert g["train_flops_per_step"] > 0
+    for v in ("eager", "channels_last"):
+        r = g["train"][v]
+        assert "error" not in r, r
+        assert r["images_per_s"] > 0 and r["mfu"] > 0 and r["losses_finite"]
+    assert g["eval"]["images_per_s"] > 0 and g["eval"]["batch"] == 2
+    assert set(g["eval"]["caches"]["variants"]) == {"recompute", "selfattn_cache", "full_cache"}
+    written = list((tmp_path / "results").glob("*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["device"] == g["device"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_skipped_without_cuda(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert gpu.main(["--out", str(tmp_path), "--json-out", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"gpu": None, "reason": "no CUDA device"}
+    assert not list(tmp_path.glob("*.json"))[1:]  # only the --json-out file
+
+
+def test_peak_table():
+    assert gpu.peak_flops("NVIDIA H100 80GB HBM3")[0] == 989e12
+    assert gpu.peak_flops("NVIDIA H100 PCIe")[0] == 756e12
+    assert gpu.peak_flops("NVIDIA H200")[0] == 989e12
+    assert gpu.peak_flops("NVIDIA A100-SXM4-80GB")[0] == 312e12
+    assert gpu.peak_flops("Some Future GPU")[0] is None
+    assert gpu.peak_flops("Some Future GPU", 100.0)[0] == 100e12
+    assert gpu.device_file_name("NVIDIA H100 80GB HBM3") == "NVIDIA-H100-80GB-HBM3"
