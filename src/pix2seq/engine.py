@@ -49,9 +49,13 @@ class TrainState:
     history: dict[str, list] = field(default_factory=dict)
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPU and on CPU (measured faster here); None disables it."""
-    if amp == "off":
+def autocast_dtype(amp: str, device: torch.device, decoding: bool = False) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` on ``device`` (None: fp32).
+
+    Decoding on CPU stays fp32 under "auto": without AMX, bf16 autocast re-casts every decoder
+    weight at every step and measured 2.7x slower per token here (bench/decode.py).
+    """
+    if amp == "off" or (amp == "auto" and decoding and device.type == "cpu"):
         return None
     return torch.bfloat16
 
@@ -188,7 +192,7 @@ def predict_batches(
     """
     model.eval()
     ecfg = cfg.eval
-    amp = autocast_dtype(cfg.train.amp, device)
+    amp = autocast_dtype(cfg.train.amp, device, decoding=True)
     results: list[dict] = []
     seen: list[int] = []
     samples: list[dict] = []

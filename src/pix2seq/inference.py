@@ -142,7 +142,7 @@ class Predictor:
             gen = generate(
                 self.model, canvas, self.vocab, self.cfg.tokenizer.max_instances, method=ecfg.decoding,
                 top_p=ecfg.top_p, temperature=ecfg.temperature, beam_size=ecfg.beam_size,
-                constrained=ecfg.constrained, autocast_dtype=autocast_dtype(self.cfg.train.amp, self.device),
+                constrained=ecfg.constrained, autocast_dtype=autocast_dtype(self.cfg.train.amp, self.device, decoding=True),
             )
             dets = tokens_to_detections(gen.tokens.cpu(), gen.class_probs.float().cpu(), self.vocab, self.canvas, scale, orig)
             for d in dets:
