@@ -28,6 +28,9 @@ lint: setup  ## ruff check + format check
 	$(PY) -m ruff check src tests pipeline bench scripts
 	$(PY) -m ruff format --check src tests pipeline bench scripts
 
+demo: setup  ## the whole DVC pipeline on generated data (<= 10 min on 2 CPU cores); safe to run twice
+	@start=$$(date +%s); .venv/bin/dvc repro && $(PY) scripts/demo_summary.py $$start
+
 pipeline: setup  ## dvc repro: download -> prepare -> train -> evaluate (params.yaml)
 	.venv/bin/dvc repro
 
@@ -41,7 +44,7 @@ ui: setup  ## the MLflow UI on the repo's store (mlflow.db) at http://127.0.0.1:
 	@case "$${MLFLOW_TRACKING_URI:-}" in http://*|https://*) echo "MLFLOW_TRACKING_URI is a tracking server: open $$MLFLOW_TRACKING_URI in a browser"; exit 0;; esac; \
 	.venv/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $${PORT:-5000}
 
-.PHONY: help setup test lint pipeline train eval ui
+.PHONY: help setup test lint demo pipeline train eval ui
 
 # `make predict IMAGES="a.jpg photos/" [MODEL=models:/pix2seq@champion|path/model.pt] [OUT=reports/predict]
 #  [DEVICE=auto|cpu|cuda] [SCORE=0.3] [eval.decoding=beam ...]`

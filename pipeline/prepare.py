@@ -1,6 +1,6 @@
 """DVC stage ``prepare``: validate the COCO-format dataset in data.root and write the manifests.
 
-Usage: python pipeline/prepare.py [key.sub=value ...]   (reads params.yaml; logic in pix2seq.data.prepare)
+Usage: python pipeline/prepare.py [--params FILE] [key.sub=value ...]   (default params.yaml; logic in pix2seq.data.prepare)
 Writes data.prepared_dir/<split>.json, data.prepared_dir/issues.json and reports/prepare.json.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from pix2seq.config import ConfigError, load_config
+from pix2seq.config import ConfigError, config_from_argv
 from pix2seq.data.prepare import PrepareError, run_prepare
 
 REPORT = "reports/prepare.json"
@@ -18,7 +18,7 @@ REPORT = "reports/prepare.json"
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config("params.yaml", sys.argv[1:] if argv is None else argv)
+        cfg = config_from_argv(sys.argv[1:] if argv is None else argv)
         report = run_prepare(cfg, REPORT)
     except (ConfigError, PrepareError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)

@@ -165,3 +165,18 @@ def test_mlflow_run_reads_back(single_process_run):
     assert mv.run_id == result.run_id
     losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
     assert losses[-1] < losses[0]
+
+
+def test_wall_clock_budget_evaluates_mid_epoch(tiny_prepared, tmp_path, mlflow_store):
+    """A minutes budget shorter than an epoch still evaluates on its period (tuning trials prune on it)."""
+    root, prepared = tiny_prepared
+    over = {"train.epochs": 1000, "train.max_minutes": 0.08, "train.eval_every_minutes": 0.02,
+            "train.eval_every_epochs": 0, "train.batch_size": 2, "data.max_val_images": 4}
+    result = run_training(load_config(None, tiny_train_config(root, prepared, tmp_path / "clock", **over)))
+    history = (tmp_path / "clock" / "plots" / "train_minutes.csv").read_text().splitlines()[1:]
+    minutes = [float(r.split(",")[1]) for r in history]
+    assert len(minutes) >= 3, minutes
+    assert all(b > a for a, b in zip(minutes, minutes[1:], strict=False))
+    assert minutes[-1] >= 0.08 - 1e-3 and result.global_step > 0
+    summary = load_checkpoint(tmp_path / "clock" / "checkpoints" / "last.pt")
+    assert summary["epoch"] < 1000

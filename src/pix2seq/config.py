@@ -456,3 +456,19 @@ def validate(cfg: Config) -> None:
     _check(1 <= tu.repeat_min <= tu.repeat_max, "tune.repeat_min", "need 1 <= repeat_min <= repeat_max")
     _check(tu.n_trials >= 1, "tune.n_trials", "must be >= 1")
     _check(tu.timeout_minutes >= 0 and tu.trial_minutes >= 0, "tune.trial_minutes", "must be >= 0")
+
+
+def config_from_argv(argv: list[str]) -> Config:
+    """``[--params FILE] [key.sub=value ...]``, as every pipeline script takes them (default params.yaml)."""
+    path, overrides = "params.yaml", []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--params":
+            path = next(args, "")
+            if not path:
+                raise ConfigError("--params: needs a file name")
+        elif arg.startswith("--params="):
+            path = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return load_config(path, overrides)

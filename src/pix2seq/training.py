@@ -209,6 +209,10 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
 
         clock_start = time.perf_counter() - state.elapsed_s
         last_eval_clock = state.elapsed_s
+        eval_period_s = cfg.train.eval_every_minutes * 60
+
+        def eval_due(clock: float) -> bool:
+            return eval_period_s > 0 and clock - last_eval_clock >= eval_period_s
         metrics: dict[str, float] = {}
         stopped = False
         evaluated_at = -1
@@ -216,14 +220,15 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
             loader = data.train_loader(epoch=state.epoch, skip_batches=state.step_in_epoch)
             epoch_stats = train_one_epoch(
                 train_model, criterion, loader, optimizer, schedule, cfg, state, device, clock_start,
-                on_step=on_step, on_checkpoint=save, num_batches=data.train_batches_per_epoch(),
+                on_step=on_step, on_checkpoint=save, num_batches=data.train_batches_per_epoch(), pause=eval_due,
             )
-            if state.step_in_epoch >= data.train_batches_per_epoch() - cfg.train.accumulate + 1:
+            epoch_done = state.step_in_epoch >= data.train_batches_per_epoch() - cfg.train.accumulate + 1
+            if epoch_done:
                 state.epoch += 1
                 state.step_in_epoch = 0
             tracker.log_metrics({"train/epoch_loss": epoch_stats["loss"], "epoch": state.epoch}, step=state.global_step)
-            due = cfg.train.eval_every_epochs > 0 and state.epoch % cfg.train.eval_every_epochs == 0
-            due |= cfg.train.eval_every_minutes > 0 and state.elapsed_s - last_eval_clock >= cfg.train.eval_every_minutes * 60
+            due = epoch_done and cfg.train.eval_every_epochs > 0 and state.epoch % cfg.train.eval_every_epochs == 0
+            due |= eval_due(state.elapsed_s)
             finished = state.epoch >= cfg.train.epochs or schedule.done()
             is_best = False
             if due or finished:

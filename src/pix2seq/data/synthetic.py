@@ -33,18 +33,32 @@ _SPLIT_SEED = {"train": 1, "val": 2}
 
 
 def _texture(rng: np.random.Generator, size: int) -> Image.Image:
-    """Low-frequency coloured noise plus faint stripes: a background that is not flat."""
+    """A muted background that is not flat: low-frequency tinted noise, grain and faint stripes.
+
+    Low saturation and contrast keep the (saturated) objects salient, so the model spends its
+    budget on shapes rather than on telling objects from a busy background.
+    """
     cells = int(rng.integers(3, 9))
-    base = rng.uniform(40, 200, size=(cells, cells, 3)).astype(np.uint8)
+    grey = rng.uniform(70, 170, size=(cells, cells, 1))
+    tint = rng.uniform(-18, 18, size=(1, 1, 3))
+    base = (grey + tint).clip(0, 255).astype(np.uint8)
     img = Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC)
     arr = np.asarray(img).astype(np.float32)
-    arr += rng.normal(0, 12, size=arr.shape)  # grain
+    arr += rng.normal(0, 6, size=arr.shape)  # grain
     period = rng.uniform(6, 24)
     angle = rng.uniform(0, math.pi)
     yy, xx = np.mgrid[0:size, 0:size]
     stripes = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
-    arr += 10 * stripes[..., None]
+    arr += 6 * stripes[..., None]
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A saturated colour (random hue, high saturation, mid-to-high value)."""
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.7, 1.0), rng.uniform(0.55, 1.0))
+    return int(r * 255), int(g * 255), int(b * 255)
 
 
 def _polygon(cx: float, cy: float, rx: float, ry: float, n: int, phase: float, inner: float = 1.0) -> list:
@@ -130,7 +144,7 @@ def render_image(cfg: GeneratedDataConfig, split: str, index: int) -> tuple[Imag
         else:
             continue
         label = int(rng.integers(0, cfg.num_classes))
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        colour = _colour(rng)
         # inclusive pixel box (x0..x0+w-1): the object covers exactly w x h pixels
         _draw_shape(draw, SHAPES[label], (box[0], box[1], box[2] - 1, box[3] - 1), colour)
         placed.append(box)
@@ -144,7 +158,7 @@ def _split_kind(split: str) -> str:
 
 
 def _fingerprint(cfg: GeneratedDataConfig, split: str, count: int) -> str:
-    blob = json.dumps({"cfg": asdict(cfg), "split": split, "count": count, "version": 1}, sort_keys=True)
+    blob = json.dumps({"cfg": asdict(cfg), "split": split, "count": count, "version": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
