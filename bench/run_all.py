@@ -562,8 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     if raw.get("decode") and raw["decode"]["dtype"] == "fp32":
         notes.append(
-            "decoding runs in float32: bf16 autocast is slower on this CPU (no AMX); the engine's "
-            "evaluation uses bf16, bench/gpu.py measures it on GPU"
+            "decoding runs in float32, as the engine's evaluation does on CPU (train.amp auto): bf16 "
+            "autocast is slower on this CPU (no AMX); bench/gpu.py measures bf16 on GPU"
         )
     rep = aggregate(raw, machine, done, now() - t0, args.threads, notes)
     rep["command"] = " ".join(
