@@ -1,6 +1,6 @@
 """DVC stage `evaluate`: COCO AP of the best checkpoint on the validation split, with plots.
 
-    python pipeline/evaluate.py [key.sub=value ...]
+python pipeline/evaluate.py [key.sub=value ...]
 """
 
 import argparse
@@ -13,7 +13,9 @@ from pix2seq.launch import relaunch_under_torchrun
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     args = parser.parse_args(argv)

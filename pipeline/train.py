@@ -1,7 +1,7 @@
 """DVC stage `train`: train Pix2Seq on the prepared data (torchrun on every local GPU).
 
-    python pipeline/train.py [key.sub=value ...]            # GPUS=N to choose the process count
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29400 pipeline/train.py
+python pipeline/train.py [key.sub=value ...]            # GPUS=N to choose the process count
+torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29400 pipeline/train.py
 """
 
 import argparse
@@ -14,7 +14,9 @@ from pix2seq.training import run_training
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     args = parser.parse_args(argv)

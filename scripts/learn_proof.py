@@ -30,28 +30,44 @@ def read_curve(plots: Path, name: str) -> dict[int, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/proof-128px.yaml")
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget (wall clock)")
-    parser.add_argument("--eval-every", type=float, default=2.5, help="minutes of training between evaluations")
+    parser.add_argument(
+        "--eval-every", type=float, default=2.5, help="minutes of training between evaluations"
+    )
     parser.add_argument("--out", default="reports/learn_proof.json")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     args = parser.parse_args(argv)
 
-    cfg = load_config(args.config, [
-        f"train.max_minutes={args.minutes}", f"train.eval_every_minutes={args.eval_every}",
-        "train.eval_every_epochs=0", "eval.backend=pycocotools", *args.overrides,
-    ])
+    cfg = load_config(
+        args.config,
+        [
+            f"train.max_minutes={args.minutes}",
+            f"train.eval_every_minutes={args.eval_every}",
+            "train.eval_every_epochs=0",
+            "eval.backend=pycocotools",
+            *args.overrides,
+        ],
+    )
     run_download(cfg)  # the generated dataset is written once, then reused
     run_prepare(cfg, report_path=Path(cfg.data.prepared_dir) / "report.json", progress=False)
 
     t0 = time.perf_counter()
-    result = run_training(cfg, TrainHooks(run_name=f"learn-proof-{args.minutes:g}min", register_model=False,
-                                          tags={"purpose": "learn-proof"}))
+    result = run_training(
+        cfg,
+        TrainHooks(
+            run_name=f"learn-proof-{args.minutes:g}min", register_model=False, tags={"purpose": "learn-proof"}
+        ),
+    )
     plots = Path(cfg.train.output_dir) / "plots"
     ap, ap50, minutes = (read_curve(plots, k) for k in ("AP", "AP50", "train_minutes"))
-    curve = [{"step": s, "train_minutes": round(minutes[s], 2), "AP": round(ap[s], 2), "AP50": round(ap50[s], 2)}
-             for s in sorted(ap)]
+    curve = [
+        {"step": s, "train_minutes": round(minutes[s], 2), "AP": round(ap[s], 2), "AP50": round(ap50[s], 2)}
+        for s in sorted(ap)
+    ]
     report = {
         "command": "python scripts/learn_proof.py " + " ".join(argv),
         "config": args.config,
@@ -66,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{'train min':>9} {'step':>6} {'AP':>6} {'AP50':>6}")
     for p in curve:
         print(f"{p['train_minutes']:9.2f} {p['step']:6d} {p['AP']:6.1f} {p['AP50']:6.1f}")
-    print(f"after {args.minutes:g} min: AP {result.metrics['AP']:.1f}  AP50 {result.metrics['AP50']:.1f}  -> {args.out}")
+    print(
+        f"after {args.minutes:g} min: AP {result.metrics['AP']:.1f}  AP50 {result.metrics['AP50']:.1f}  -> {args.out}"
+    )
     return report
 
 

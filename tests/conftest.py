@@ -22,8 +22,15 @@ from pix2seq.data.synthetic import write_generated_dataset  # noqa: E402
 def tiny_generated(tmp_path_factory) -> tuple:
     """A small generated COCO-format dataset: (root, GeneratedDataConfig)."""
     root = tmp_path_factory.mktemp("generated")
-    gcfg = GeneratedDataConfig(image_size=64, num_train=24, num_val=8, num_classes=3, max_objects=4,
-                               min_object_size=8, max_object_size=24)
+    gcfg = GeneratedDataConfig(
+        image_size=64,
+        num_train=24,
+        num_val=8,
+        num_classes=3,
+        max_objects=4,
+        min_object_size=8,
+        max_object_size=24,
+    )
     write_generated_dataset(gcfg, root)
     return root, gcfg
 
@@ -31,16 +38,38 @@ def tiny_generated(tmp_path_factory) -> tuple:
 def tiny_train_config(root, prepared, out, **over) -> list[str]:
     """key=value overrides for a tiny, fast training on the ``tiny_generated`` data."""
     base = {
-        "data.source": "generated", "data.root": str(root), "data.prepared_dir": str(prepared),
-        "data.image_size": 64, "data.num_workers": 0, "data.scale_min": 0.8, "data.scale_max": 1.2,
-        "tokenizer.bins": 32, "tokenizer.max_instances": 4,
-        "model.backbone": "resnet18", "model.backbone_stage": "layer3", "model.backbone_norm": "group",
-        "model.d_model": 64, "model.heads": 4, "model.mlp_dim": 128, "model.encoder_layers": 1,
-        "model.decoder_layers": 1, "model.dropout": 0.0, "model.drop_path": 0.0,
-        "train.epochs": 2, "train.batch_size": 4, "train.batch_repeat": 1, "train.lr": 1e-3,
-        "train.warmup_epochs": 0.5, "train.amp": "off", "train.output_dir": str(out),
-        "train.eval_every_epochs": 0, "train.checkpoint_every_steps": 1000, "train.log_every_steps": 1,
-        "eval.batch_size": 8, "tracking.log_system_metrics": False, "tracking.register": False,
+        "data.source": "generated",
+        "data.root": str(root),
+        "data.prepared_dir": str(prepared),
+        "data.image_size": 64,
+        "data.num_workers": 0,
+        "data.scale_min": 0.8,
+        "data.scale_max": 1.2,
+        "tokenizer.bins": 32,
+        "tokenizer.max_instances": 4,
+        "model.backbone": "resnet18",
+        "model.backbone_stage": "layer3",
+        "model.backbone_norm": "group",
+        "model.d_model": 64,
+        "model.heads": 4,
+        "model.mlp_dim": 128,
+        "model.encoder_layers": 1,
+        "model.decoder_layers": 1,
+        "model.dropout": 0.0,
+        "model.drop_path": 0.0,
+        "train.epochs": 2,
+        "train.batch_size": 4,
+        "train.batch_repeat": 1,
+        "train.lr": 1e-3,
+        "train.warmup_epochs": 0.5,
+        "train.amp": "off",
+        "train.output_dir": str(out),
+        "train.eval_every_epochs": 0,
+        "train.checkpoint_every_steps": 1000,
+        "train.log_every_steps": 1,
+        "eval.batch_size": 8,
+        "tracking.log_system_metrics": False,
+        "tracking.register": False,
     }
     base.update(over)
     return [f"{k}={v}" for k, v in base.items()]
@@ -54,7 +83,9 @@ def tiny_prepared(tiny_generated, tmp_path_factory):
 
     root, _ = tiny_generated
     prepared = tmp_path_factory.mktemp("prepared")
-    prepare_dataset(root, ["train2017", "val2017"], prepared, prepared / "report.json", PrepareConfig(), progress=False)
+    prepare_dataset(
+        root, ["train2017", "val2017"], prepared, prepared / "report.json", PrepareConfig(), progress=False
+    )
     return root, prepared
 
 

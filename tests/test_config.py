@@ -45,7 +45,9 @@ def test_more_categories_than_vocab_holds():
 
 
 def test_overrides_and_types():
-    cfg = config_from_dict({}, ["train.lr=1e-3", "model.backbone=resnet18", "data.detr_scales=[320,352]", "train.epochs=3"])
+    cfg = config_from_dict(
+        {}, ["train.lr=1e-3", "model.backbone=resnet18", "data.detr_scales=[320,352]", "train.epochs=3"]
+    )
     assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
     assert cfg.model.backbone == "resnet18"
     assert cfg.data.detr_scales == [320, 352]

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import tiny_train_config
 from postgres_fixture import free_port, stop_process_group, wait_for_http
 
 mlflow = pytest.importorskip("mlflow")
@@ -29,21 +30,15 @@ CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
 
 
 def tiny_overrides(root: Path, prepared: Path, out: Path, **over) -> list[str]:
-    """A seconds-long CPU training on the ``tiny_generated`` data (64 px, resnet18/layer3, d 64)."""
+    """conftest's tiny training, one epoch with an evaluation, registered under its own experiment."""
     base = {
-        "data.source": "generated", "data.root": str(root), "data.prepared_dir": str(prepared),
-        "data.image_size": 64, "data.num_workers": 0, "data.scale_min": 0.8, "data.scale_max": 1.2,
-        "tokenizer.bins": 32, "tokenizer.max_instances": 4,
-        "model.backbone": "resnet18", "model.backbone_stage": "layer3", "model.backbone_norm": "group",
-        "model.d_model": 64, "model.heads": 4, "model.mlp_dim": 128, "model.encoder_layers": 1,
-        "model.decoder_layers": 1, "model.dropout": 0.0, "model.drop_path": 0.0,
-        "train.epochs": 1, "train.batch_size": 4, "train.batch_repeat": 1, "train.lr": 1e-3,
-        "train.warmup_epochs": 0.5, "train.amp": "'off'", "train.output_dir": str(out),
-        "train.eval_every_epochs": 1, "train.log_every_steps": 1, "eval.batch_size": 8,
-        "tracking.log_system_metrics": False, "tracking.register": True, "tracking.experiment": "pix2seq-test",
-    }  # fmt: skip
+        "train.epochs": 1,
+        "train.eval_every_epochs": 1,
+        "tracking.register": True,
+        "tracking.experiment": "pix2seq-test",
+    }
     base.update(over)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_train_config(root, prepared, out, **base)
 
 
 def prepare_tiny(root: Path, dest: Path) -> Path:

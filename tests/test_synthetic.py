@@ -39,8 +39,9 @@ def test_deterministic_and_split_specific():
 
 def test_box_frames_the_shape():
     # a square (class 1) drawn on the texture: the box edges are where the colour changes
-    cfg = GeneratedDataConfig(image_size=96, num_classes=2, min_objects=1, max_objects=1,
-                              min_object_size=20, max_object_size=30)
+    cfg = GeneratedDataConfig(
+        image_size=96, num_classes=2, min_objects=1, max_objects=1, min_object_size=20, max_object_size=30
+    )
     for i in range(6):
         img, objs = render_image(cfg, "train", i)
         if objs[0]["label"] != 1:

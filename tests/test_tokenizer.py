@@ -61,7 +61,9 @@ def test_boxes_tokens_boxes_identity():
 
 def test_random_order_permutes_objects():
     v = Vocab(num_classes=5, bins=256)
-    cfg = TokenizerConfig(bins=256, max_instances=10, augment_sequence=False, class_corruption=False, order="random")
+    cfg = TokenizerConfig(
+        bins=256, max_instances=10, augment_sequence=False, class_corruption=False, order="random"
+    )
     boxes, labels = _boxes(6)
     orders = set()
     for s in range(10):
@@ -149,8 +151,15 @@ def test_noise_kinds_and_seed_variant():
     dist = (shifted_sizes[:, None] - real_sizes[None]).abs().amax(-1).amin(-1)
     assert float(dist.max()) < 1e-5
     # the seed's variant: random boxes with random real classes, weighted 0.01
-    seed_cfg = TokenizerConfig(bins=64, max_instances=6, noise_duplicates=False, noise_shifted=False,
-                               noise_class="random", noise_coord_weight=0.01, noise_class_weight=0.01)
+    seed_cfg = TokenizerConfig(
+        bins=64,
+        max_instances=6,
+        noise_duplicates=False,
+        noise_shifted=False,
+        noise_class="random",
+        noise_coord_weight=0.01,
+        noise_class_weight=0.01,
+    )
     _, tgt, w = build_sequence(boxes, labels, v, seed_cfg, torch.Generator().manual_seed(0))
     noise = tgt[10:30].reshape(4, 5)
     assert bool(v.is_class(noise[:, 4]).all())
@@ -194,7 +203,9 @@ def test_raster_and_area_orders():
     v = Vocab(num_classes=5, bins=256)
     boxes, labels = _boxes(6)
     for how in ("raster", "area"):
-        cfg = TokenizerConfig(bins=256, max_instances=10, augment_sequence=False, class_corruption=False, order=how)
+        cfg = TokenizerConfig(
+            bins=256, max_instances=10, augment_sequence=False, class_corruption=False, order=how
+        )
         _, tgt, _ = build_sequence(boxes, labels, v, cfg, torch.Generator().manual_seed(0))
         b, _ = sequence_to_objects(tgt, v)
         if how == "raster":

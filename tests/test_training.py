@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_train_config
+
 from pix2seq.checkpoint import load_checkpoint
 from pix2seq.config import load_config
 from pix2seq.engine import NonFiniteLossError
@@ -20,8 +20,11 @@ from pix2seq.training import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 DETERMINISTIC = {  # no randomness in the data: N processes see exactly the samples 1 process sees
-    "data.augment": "none", "data.hflip": 0.0, "tokenizer.order": "none",
-    "tokenizer.augment_sequence": False, "tokenizer.class_corruption": False,
+    "data.augment": "none",
+    "data.hflip": 0.0,
+    "tokenizer.order": "none",
+    "tokenizer.augment_sequence": False,
+    "tokenizer.class_corruption": False,
 }
 
 
@@ -45,8 +48,16 @@ def single_process_run(tiny_prepared, tmp_path_factory):
     store = f"sqlite:///{tmp / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = store
     try:
-        cfg = load_config(None, tiny_train_config(root, prepared, tmp / "run", **DETERMINISTIC,
-                                                  **{"tracking.register": True, "train.eval_every_epochs": 1}))
+        cfg = load_config(
+            None,
+            tiny_train_config(
+                root,
+                prepared,
+                tmp / "run",
+                **DETERMINISTIC,
+                **{"tracking.register": True, "train.eval_every_epochs": 1},
+            ),
+        )
         result = run_training(cfg)
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -62,16 +73,40 @@ def test_two_processes_equal_one_process(single_process_run, tiny_prepared, tmp_
     root, prepared = tiny_prepared
     params = tmp_path / "params.yaml"
     params.write_text("{}\n")
-    over = tiny_train_config(root, prepared, tmp_path / "ddp", **DETERMINISTIC,
-                             **{"train.batch_size": 2, "train.eval_every_epochs": 1})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "pipeline" / "train.py"), "--params", str(params), *over]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(f"sqlite:///{tmp_path / 'mlflow.db'}"),
-                          capture_output=True, text=True, timeout=600)
+    over = tiny_train_config(
+        root,
+        prepared,
+        tmp_path / "ddp",
+        **DETERMINISTIC,
+        **{"train.batch_size": 2, "train.eval_every_epochs": 1},
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "pipeline" / "train.py"),
+        "--params",
+        str(params),
+        *over,
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env=_env(f"sqlite:///{tmp_path / 'mlflow.db'}"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _weights(result1.output_dir), _weights(tmp_path / "ddp")
     init = load_checkpoint(result1.output_dir / "checkpoints" / "last.pt")
-    assert init["global_step"] == load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")["global_step"] == 12
+    assert (
+        init["global_step"]
+        == load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")["global_step"]
+        == 12
+    )
     moved = 0
     for k in one:
         assert torch.allclose(one[k].float(), two[k].float(), rtol=1e-3, atol=2e-5), k
@@ -83,18 +118,34 @@ def test_two_processes_equal_one_process(single_process_run, tiny_prepared, tmp_
 def test_sigkill_and_resume_is_bit_identical(tiny_prepared, tmp_path, mlflow_store):
     root, prepared = tiny_prepared
     # randomness everywhere: augmentation, object order, sequence noise, class corruption, dropout
-    over = {"data.augment": "lsj", "model.dropout": 0.1, "train.epochs": 3, "train.checkpoint_every_steps": 2,
-            "train.eval_every_epochs": 1}
+    over = {
+        "data.augment": "lsj",
+        "model.dropout": 0.1,
+        "train.epochs": 3,
+        "train.checkpoint_every_steps": 2,
+        "train.eval_every_epochs": 1,
+    }
     ref_cfg = load_config(None, tiny_train_config(root, prepared, tmp_path / "ref", **over))
     run_training(ref_cfg)
 
     params = tmp_path / "params.yaml"
     params.write_text("{}\n")
     killed_dir = tmp_path / "killed"
-    cmd = [sys.executable, str(REPO / "pipeline" / "train.py"), "--params", str(params),
-           *tiny_train_config(root, prepared, killed_dir, **over)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(mlflow_store), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    cmd = [
+        sys.executable,
+        str(REPO / "pipeline" / "train.py"),
+        "--params",
+        str(params),
+        *tiny_train_config(root, prepared, killed_dir, **over),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=_env(mlflow_store),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not list((killed_dir / "checkpoints").glob("ckpt-*.pt")):
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
@@ -133,7 +184,9 @@ def test_non_finite_loss_stops_naming_the_step(tiny_prepared, tmp_path, mlflow_s
 
     monkeypatch.setattr(training, "build_model", build_with_nan)
     root, prepared = tiny_prepared
-    cfg = load_config(None, tiny_train_config(root, prepared, tmp_path / "nan", **{"train.checkpoint_every_steps": 1}))
+    cfg = load_config(
+        None, tiny_train_config(root, prepared, tmp_path / "nan", **{"train.checkpoint_every_steps": 1})
+    )
     with pytest.raises(NonFiniteLossError, match=r"at step 3 \(epoch 0, batch 3\)"):
         run_training(cfg)
     # the last checkpoint is the healthy step 2, never the poisoned weights
@@ -151,8 +204,19 @@ def test_mlflow_run_reads_back(single_process_run):
     assert run.info.status == "FINISHED"
     assert float(run.data.params["train.lr"]) == pytest.approx(cfg.train.lr)
     assert run.data.params["model.backbone"] == "resnet18"
-    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "train/loss", "train/lr", "train/grad_norm",
-                "train/images_per_s"):
+    for key in (
+        "AP",
+        "AP50",
+        "AP75",
+        "APs",
+        "APm",
+        "APl",
+        "AR100",
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/images_per_s",
+    ):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(result.run_id, "AP")) == 2  # one per epoch
     assert "git.commit" in run.data.tags
@@ -170,8 +234,14 @@ def test_mlflow_run_reads_back(single_process_run):
 def test_wall_clock_budget_evaluates_mid_epoch(tiny_prepared, tmp_path, mlflow_store):
     """A minutes budget shorter than an epoch still evaluates on its period (tuning trials prune on it)."""
     root, prepared = tiny_prepared
-    over = {"train.epochs": 1000, "train.max_minutes": 0.08, "train.eval_every_minutes": 0.02,
-            "train.eval_every_epochs": 0, "train.batch_size": 2, "data.max_val_images": 4}
+    over = {
+        "train.epochs": 1000,
+        "train.max_minutes": 0.08,
+        "train.eval_every_minutes": 0.02,
+        "train.eval_every_epochs": 0,
+        "train.batch_size": 2,
+        "data.max_val_images": 4,
+    }
     result = run_training(load_config(None, tiny_train_config(root, prepared, tmp_path / "clock", **over)))
     history = (tmp_path / "clock" / "plots" / "train_minutes.csv").read_text().splitlines()[1:]
     minutes = [float(r.split(",")[1]) for r in history]

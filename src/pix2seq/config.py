@@ -328,7 +328,9 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None)
     return cfg
 
 
-def load_config(path: str | os.PathLike[str] | None = "params.yaml", overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = "params.yaml", overrides: list[str] | None = None
+) -> Config:
     """Read ``path`` (YAML), apply ``overrides`` and validate. ``path=None``: defaults only."""
     values: dict[str, Any] = {}
     if path is not None:
@@ -390,16 +392,36 @@ def num_specials() -> int:
 
 def validate(cfg: Config) -> None:
     """Impossible values fail here, named by key."""
-    d, g, t, m, tr, e, tu = cfg.data, cfg.data.generated, cfg.tokenizer, cfg.model, cfg.train, cfg.eval, cfg.tune
+    d, g, t, m, tr, e, tu = (
+        cfg.data,
+        cfg.data.generated,
+        cfg.tokenizer,
+        cfg.model,
+        cfg.train,
+        cfg.eval,
+        cfg.tune,
+    )
     _check(d.image_size >= 32, "data.image_size", f"must be >= 32, got {d.image_size}")
     _check(0 < d.scale_min <= d.scale_max, "data.scale_min", "need 0 < scale_min <= scale_max")
     _check(0.0 <= d.hflip <= 1.0, "data.hflip", "must be a probability in [0, 1]")
-    _check(len(d.detr_scales) > 0 and all(s > 0 for s in d.detr_scales), "data.detr_scales", "need positive sizes")
+    _check(
+        len(d.detr_scales) > 0 and all(s > 0 for s in d.detr_scales),
+        "data.detr_scales",
+        "need positive sizes",
+    )
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(g.image_size >= 32, "data.generated.image_size", "must be >= 32")
-    _check(g.num_train >= 1 and g.num_val >= 1, "data.generated.num_train", "need at least one train and val image")
+    _check(
+        g.num_train >= 1 and g.num_val >= 1,
+        "data.generated.num_train",
+        "need at least one train and val image",
+    )
     _check(g.num_classes >= 1, "data.generated.num_classes", "must be >= 1")
-    _check(0 <= g.min_objects <= g.max_objects, "data.generated.min_objects", "need 0 <= min_objects <= max_objects")
+    _check(
+        0 <= g.min_objects <= g.max_objects,
+        "data.generated.min_objects",
+        "need 0 <= min_objects <= max_objects",
+    )
     _check(
         2 <= g.min_object_size <= g.max_object_size < g.image_size,
         "data.generated.max_object_size",
@@ -424,7 +446,9 @@ def validate(cfg: Config) -> None:
         )
 
     _check(m.d_model > 0 and m.heads > 0, "model.d_model", "must be positive")
-    _check(m.d_model % m.heads == 0, "model.heads", f"d_model {m.d_model} is not divisible by heads {m.heads}")
+    _check(
+        m.d_model % m.heads == 0, "model.heads", f"d_model {m.d_model} is not divisible by heads {m.heads}"
+    )
     _check(m.encoder_layers >= 0, "model.encoder_layers", "must be >= 0")
     _check(m.decoder_layers >= 1, "model.decoder_layers", "must be >= 1")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
@@ -433,7 +457,9 @@ def validate(cfg: Config) -> None:
     _check(tr.lr > 0, "train.lr", f"must be positive, got {tr.lr}")
     _check(tr.backbone_lr_mult >= 0, "train.backbone_lr_mult", "must be >= 0")
     _check(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _check(len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas), "train.betas", "need two values in [0, 1)")
+    _check(
+        len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas), "train.betas", "need two values in [0, 1)"
+    )
     _check(tr.epochs >= 1, "train.epochs", "must be >= 1")
     _check(tr.max_minutes >= 0, "train.max_minutes", "must be >= 0")
     _check(tr.batch_size >= 1, "train.batch_size", "must be >= 1")

@@ -69,7 +69,9 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def move_batch(batch: dict, device: torch.device) -> dict:
     non_blocking = device.type == "cuda"
-    return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {
+        k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()
+    }
 
 
 def train_one_epoch(
@@ -109,8 +111,15 @@ def train_one_epoch(
     loss_sum, loss_n, images, steps = 0.0, 0, 0, 0
     t_epoch = time.perf_counter()
     total = num_batches if num_batches is not None else (len(loader) if hasattr(loader, "__len__") else None)
-    bar = tqdm(loader, total=total, desc=f"epoch {state.epoch}", unit="batch", leave=False, disable=not dist.is_main(),
-               initial=state.step_in_epoch)
+    bar = tqdm(
+        loader,
+        total=total,
+        desc=f"epoch {state.epoch}",
+        unit="batch",
+        leave=False,
+        disable=not dist.is_main(),
+        initial=state.step_in_epoch,
+    )
     micro = 0
     t_step = time.perf_counter()
     for batch in bar:
@@ -133,10 +142,14 @@ def train_one_epoch(
         images += batch["image"].shape[0]
         if not last_micro:
             continue
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
+        )
         # one collective agrees on the loss (for the NaN guard and logging) and the clock
         now = time.perf_counter() - clock_start
-        agreed = dist.all_reduce_mean(torch.stack([loss.detach().double(), torch.tensor(now, dtype=torch.float64, device=loss.device)]))
+        agreed = dist.all_reduce_mean(
+            torch.stack([loss.detach().double(), torch.tensor(now, dtype=torch.float64, device=loss.device)])
+        )
         loss_val, clock = float(agreed[0]), float(agreed[1])
         if not math.isfinite(loss_val):
             raise NonFiniteLossError(
@@ -215,7 +228,12 @@ def predict_batches(
             autocast_dtype=amp,
         )
         dets = tokens_to_detections(
-            out.tokens.cpu(), out.class_probs.float().cpu(), vocab, images.shape[-1], batch["scale"], batch["orig_size"]
+            out.tokens.cpu(),
+            out.class_probs.float().cpu(),
+            vocab,
+            images.shape[-1],
+            batch["scale"],
+            batch["orig_size"],
         )
         ids = [int(i) for i in batch["image_id"]]
         results.extend(detections_to_coco(ids, dets, label_to_category))
@@ -262,6 +280,8 @@ def evaluate_model(
         dup |= set(ids) & all_ids
         all_results.extend(r for r in res if r["image_id"] in fresh)
         all_ids |= set(ids)
-    result = coco_evaluate(data.val_annotations, all_results, backend=cfg.eval.backend, img_ids=sorted(all_ids))
+    result = coco_evaluate(
+        data.val_annotations, all_results, backend=cfg.eval.backend, img_ids=sorted(all_ids)
+    )
     metrics = {k: float(result.metrics[k]) for k in METRIC_KEYS}
     return metrics, result, samples

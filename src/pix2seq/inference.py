@@ -114,7 +114,9 @@ class Predictor:
         overrides: ``key=value`` overrides of the stored config (e.g. ``eval.decoding=beam``).
     """
 
-    def __init__(self, checkpoint: str | os.PathLike[str], device: str = "auto", overrides: list[str] | None = None):
+    def __init__(
+        self, checkpoint: str | os.PathLike[str], device: str = "auto", overrides: list[str] | None = None
+    ):
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: model checkpoint not found")
@@ -129,7 +131,9 @@ class Predictor:
         self.canvas = self.cfg.data.image_size
 
     @torch.inference_mode()
-    def predict(self, images: list[torch.Tensor], score_threshold: float = 0.0, batch_size: int = 8) -> list[dict]:
+    def predict(
+        self, images: list[torch.Tensor], score_threshold: float = 0.0, batch_size: int = 8
+    ) -> list[dict]:
         """uint8 (3, H, W) images -> per image {boxes (xyxy pixels), scores, labels, category_ids, names}."""
         out: list[dict] = []
         ecfg = self.cfg.eval
@@ -140,11 +144,20 @@ class Predictor:
             scale = torch.tensor([p[1] for p in prepped])
             orig = torch.tensor([[img.shape[1], img.shape[2]] for img in chunk])
             gen = generate(
-                self.model, canvas, self.vocab, self.cfg.tokenizer.max_instances, method=ecfg.decoding,
-                top_p=ecfg.top_p, temperature=ecfg.temperature, beam_size=ecfg.beam_size,
-                constrained=ecfg.constrained, autocast_dtype=autocast_dtype(self.cfg.train.amp, self.device, decoding=True),
+                self.model,
+                canvas,
+                self.vocab,
+                self.cfg.tokenizer.max_instances,
+                method=ecfg.decoding,
+                top_p=ecfg.top_p,
+                temperature=ecfg.temperature,
+                beam_size=ecfg.beam_size,
+                constrained=ecfg.constrained,
+                autocast_dtype=autocast_dtype(self.cfg.train.amp, self.device, decoding=True),
             )
-            dets = tokens_to_detections(gen.tokens.cpu(), gen.class_probs.float().cpu(), self.vocab, self.canvas, scale, orig)
+            dets = tokens_to_detections(
+                gen.tokens.cpu(), gen.class_probs.float().cpu(), self.vocab, self.canvas, scale, orig
+            )
             for d in dets:
                 keep = d["scores"] >= score_threshold
                 labels = d["labels"][keep].tolist()

@@ -35,6 +35,14 @@ def relaunch_under_torchrun(script: str, argv: list[str]) -> None:
     n = wanted_processes()
     if n == 1:
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script, *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        script,
+        *argv,
+    ]
     print("launching:", " ".join(cmd), flush=True)
     os.execv(sys.executable, cmd)

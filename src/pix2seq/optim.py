@@ -90,8 +90,12 @@ class WarmupLinearSchedule:
         return self.progress() >= 1.0
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "elapsed_s": self.elapsed_s, "total_steps": self.total_steps,
-                "budget_s": self.budget_s}
+        return {
+            "step_count": self.step_count,
+            "elapsed_s": self.elapsed_s,
+            "total_steps": self.total_steps,
+            "budget_s": self.budget_s,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
@@ -99,12 +103,16 @@ class WarmupLinearSchedule:
         self.apply()
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, tcfg: TrainConfig, steps_per_epoch: int) -> WarmupLinearSchedule:
+def build_schedule(
+    optimizer: torch.optim.Optimizer, tcfg: TrainConfig, steps_per_epoch: int
+) -> WarmupLinearSchedule:
     total = max(1, tcfg.epochs * steps_per_epoch)
     if tcfg.warmup_fraction > 0:
         warmup = tcfg.warmup_fraction
     else:
         warmup = min(tcfg.warmup_epochs / max(tcfg.epochs, 1), 0.99)
-    sched = WarmupLinearSchedule(optimizer, total, warmup, tcfg.final_lr_fraction, budget_s=tcfg.max_minutes * 60.0)
+    sched = WarmupLinearSchedule(
+        optimizer, total, warmup, tcfg.final_lr_fraction, budget_s=tcfg.max_minutes * 60.0
+    )
     sched.apply()
     return sched

@@ -56,7 +56,9 @@ class Pix2SeqPyfunc(mlflow.pyfunc.PythonModel):
         device = os.environ.get("PIX2SEQ_DEVICE", "auto").strip() or "auto"
         self.predictor = Predictor(context.artifacts[ARTIFACT], device=device)
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would build a schema from them
+    def predict(
+        self, context, model_input, params=None
+    ):  # no type hints: MLflow would build a schema from them
         import pandas as pd
 
         from pix2seq.inference import ImageReadError, read_image
@@ -104,7 +106,9 @@ def _image_values(model_input: Any) -> list[Any]:
         if "image" not in model_input:
             _bad_input(f"model input: expected the key 'image', got {sorted(map(str, model_input))}")
         v = model_input["image"]
-        return [v] if isinstance(v, str | bytes | bytearray) else list(np.asarray(v, dtype=object).reshape(-1))
+        return (
+            [v] if isinstance(v, str | bytes | bytearray) else list(np.asarray(v, dtype=object).reshape(-1))
+        )
     if isinstance(model_input, str | bytes | bytearray):
         return [model_input]
     if isinstance(model_input, np.ndarray):
@@ -166,7 +170,11 @@ def log_pyfunc_model(tracker: Any, model_file: Path, cfg: Config, register: bool
     if not register:
         return info.model_uri
     version = register_model(
-        tracker.run_id, MODEL_NAME_IN_RUN, cfg.tracking.model_name, metric_value=ap, model_uri=info.model_uri,
+        tracker.run_id,
+        MODEL_NAME_IN_RUN,
+        cfg.tracking.model_name,
+        metric_value=ap,
+        model_uri=info.model_uri,
         tracking_uri=tracker.tracking_uri,
     )
     promote_champion(cfg.tracking.model_name, version, ap, tracking_uri=tracker.tracking_uri)

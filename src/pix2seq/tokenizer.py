@@ -55,7 +55,9 @@ def _boxes_from_centre(cy: Tensor, cx: Tensor, h: Tensor, w: Tensor) -> Tensor:
 # ------------------------------------------------------------------------- sequence noise
 
 
-def noise_boxes(real: Tensor, n_noise: int, tcfg: TokenizerConfig, generator: torch.Generator | None) -> Tensor:
+def noise_boxes(
+    real: Tensor, n_noise: int, tcfg: TokenizerConfig, generator: torch.Generator | None
+) -> Tensor:
     """Fake objects for sequence augmentation (spec section 3).
 
     Args:
@@ -189,7 +191,9 @@ def build_sequence(
             # every input class token: 50% a random real class, 50% NOISE; targets keep the truth
             n_obj = L // TOKENS_PER_OBJECT
             rand_cls = vocab.label_to_token(_randint(vocab.num_classes, (n_obj,), generator))
-            fake = torch.where(_uniform((n_obj,), generator) < 0.5, rand_cls, torch.full_like(rand_cls, NOISE))
+            fake = torch.where(
+                _uniform((n_obj,), generator) < 0.5, rand_cls, torch.full_like(rand_cls, NOISE)
+            )
             seq_in[is_cls] = fake
         if tcfg.input_dropout > 0:
             drop = _uniform((L,), generator) < tcfg.input_dropout

@@ -58,8 +58,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def checkpoint_state(model: nn.Module, optimizer, schedule, scaler, state: TrainState, cfg: Config, vocab: Vocab,
-                     categories: list[dict], rng: list[dict]) -> dict[str, Any]:
+def checkpoint_state(
+    model: nn.Module,
+    optimizer,
+    schedule,
+    scaler,
+    state: TrainState,
+    cfg: Config,
+    vocab: Vocab,
+    categories: list[dict],
+    rng: list[dict],
+) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -95,8 +104,16 @@ def _restore(ckpt: dict, model: nn.Module, optimizer, schedule, scaler, rank: in
 
 
 # keys that may change between an interrupted run and its resumption
-_RESUME_FREE = ("train.resume", "train.output_dir", "train.log_every_steps", "train.checkpoint_every_steps",
-                "train.keep_checkpoints", "data.num_workers", "data.prepared_dir", "data.root")
+_RESUME_FREE = (
+    "train.resume",
+    "train.output_dir",
+    "train.log_every_steps",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "data.num_workers",
+    "data.prepared_dir",
+    "data.root",
+)
 _RESUME_FREE_SECTIONS = ("eval.", "tracking.", "tune.", "data.download.", "data.prepare.")
 
 
@@ -104,13 +121,19 @@ def resume_blockers(cfg: Config, ckpt: dict) -> list[str]:
     """Why ``ckpt`` should not be resumed under ``cfg``: changed config keys, or a finished run."""
     old = config_from_dict(ckpt["config"]).flat()
     new = cfg.flat()
-    changed = [k for k in new if old.get(k) != new[k] and k not in _RESUME_FREE and not k.startswith(_RESUME_FREE_SECTIONS)]
+    changed = [
+        k
+        for k in new
+        if old.get(k) != new[k] and k not in _RESUME_FREE and not k.startswith(_RESUME_FREE_SECTIONS)
+    ]
     reasons = [f"config changed: {', '.join(changed[:8])}"] if changed else []
     sched = ckpt.get("scheduler", {})
     budget = float(sched.get("budget_s", 0) or 0)
-    finished = int(ckpt["epoch"]) >= cfg.train.epochs or (
-        budget > 0 and float(sched.get("elapsed_s", 0)) >= budget
-    ) or (budget == 0 and int(sched.get("step_count", 0)) >= int(sched.get("total_steps", 1 << 62)))
+    finished = (
+        int(ckpt["epoch"]) >= cfg.train.epochs
+        or (budget > 0 and float(sched.get("elapsed_s", 0)) >= budget)
+        or (budget == 0 and int(sched.get("step_count", 0)) >= int(sched.get("total_steps", 1 << 62)))
+    )
     if finished:
         reasons.append("that run already finished")
     return reasons
@@ -129,7 +152,11 @@ def set_aside(out: Path) -> Path:
 def _wrap_distributed(model: nn.Module, cfg: Config, info: dist.DistInfo) -> nn.Module:
     if info.world_size == 1:
         return model
-    if info.device.type == "cuda" and cfg.model.backbone_norm in ("auto", "batch") and not cfg.model.pretrained:
+    if (
+        info.device.type == "cuda"
+        and cfg.model.backbone_norm in ("auto", "batch")
+        and not cfg.model.pretrained
+    ):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -173,7 +200,9 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
             state = _restore(ckpt, model_without_ddp, optimizer, schedule, scaler, info.rank)
             resumed = True
             if info.is_main:
-                print(f"resumed from {path}: epoch {state.epoch}, batch {state.step_in_epoch}, step {state.global_step}")
+                print(
+                    f"resumed from {path}: epoch {state.epoch}, batch {state.step_in_epoch}, step {state.global_step}"
+                )
     model = _wrap_distributed(model_without_ddp, cfg, info)
     train_model = torch.compile(model) if cfg.train.compile else model
 
@@ -202,8 +231,9 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
         def save(is_best: bool = False) -> None:
             rngs = dist.all_gather_object(capture_rng_state())
             if info.is_main:
-                st = checkpoint_state(model_without_ddp, optimizer, schedule, scaler, state, cfg, vocab, data.categories,
-                                      rngs)
+                st = checkpoint_state(
+                    model_without_ddp, optimizer, schedule, scaler, state, cfg, vocab, data.categories, rngs
+                )
                 manager.save(st, step=state.global_step, is_best=is_best)
             dist.barrier()
 
@@ -213,21 +243,39 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
 
         def eval_due(clock: float) -> bool:
             return eval_period_s > 0 and clock - last_eval_clock >= eval_period_s
+
         metrics: dict[str, float] = {}
         stopped = False
         evaluated_at = -1
         while state.epoch < cfg.train.epochs and not schedule.done() and not stopped:
             loader = data.train_loader(epoch=state.epoch, skip_batches=state.step_in_epoch)
             epoch_stats = train_one_epoch(
-                train_model, criterion, loader, optimizer, schedule, cfg, state, device, clock_start,
-                on_step=on_step, on_checkpoint=save, num_batches=data.train_batches_per_epoch(), pause=eval_due,
+                train_model,
+                criterion,
+                loader,
+                optimizer,
+                schedule,
+                cfg,
+                state,
+                device,
+                clock_start,
+                on_step=on_step,
+                on_checkpoint=save,
+                num_batches=data.train_batches_per_epoch(),
+                pause=eval_due,
             )
             epoch_done = state.step_in_epoch >= data.train_batches_per_epoch() - cfg.train.accumulate + 1
             if epoch_done:
                 state.epoch += 1
                 state.step_in_epoch = 0
-            tracker.log_metrics({"train/epoch_loss": epoch_stats["loss"], "epoch": state.epoch}, step=state.global_step)
-            due = epoch_done and cfg.train.eval_every_epochs > 0 and state.epoch % cfg.train.eval_every_epochs == 0
+            tracker.log_metrics(
+                {"train/epoch_loss": epoch_stats["loss"], "epoch": state.epoch}, step=state.global_step
+            )
+            due = (
+                epoch_done
+                and cfg.train.eval_every_epochs > 0
+                and state.epoch % cfg.train.eval_every_epochs == 0
+            )
             due |= eval_due(state.elapsed_s)
             finished = state.epoch >= cfg.train.epochs or schedule.done()
             is_best = False
@@ -235,18 +283,28 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
                 t_eval = time.perf_counter()
                 metrics, _, _ = evaluate_model(model_without_ddp, data, vocab, cfg, device)
                 # a wall-clock budget is training time: shift the clock's origin past the evaluation
-                clock_start += dist.all_reduce_mean(torch.tensor(time.perf_counter() - t_eval, dtype=torch.float64)).item()
+                clock_start += dist.all_reduce_mean(
+                    torch.tensor(time.perf_counter() - t_eval, dtype=torch.float64)
+                ).item()
                 last_eval_clock = state.elapsed_s
                 evaluated_at = state.global_step
                 if info.is_main:
                     tracker.log_metrics(metrics, step=state.global_step)
-                    for key, value in (("AP", metrics["AP"]), ("AP50", metrics["AP50"]),
-                                       ("train_minutes", state.elapsed_s / 60)):
+                    for key, value in (
+                        ("AP", metrics["AP"]),
+                        ("AP50", metrics["AP50"]),
+                        ("train_minutes", state.elapsed_s / 60),
+                    ):
                         state.history.setdefault(key, []).append((state.global_step, value))
                     is_best = metrics["AP"] > state.best_metric
                     state.best_metric = max(state.best_metric, metrics["AP"])
-                    print(f"epoch {state.epoch} step {state.global_step}: " + " ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
-                stop = bool(hooks.on_eval(state.epoch, metrics)) if (hooks.on_eval and info.is_main) else False
+                    print(
+                        f"epoch {state.epoch} step {state.global_step}: "
+                        + " ".join(f"{k} {v:.1f}" for k, v in metrics.items())
+                    )
+                stop = (
+                    bool(hooks.on_eval(state.epoch, metrics)) if (hooks.on_eval and info.is_main) else False
+                )
                 stopped = dist.agree(stop)
                 is_best = dist.agree(is_best)
             save(is_best=is_best)
@@ -259,8 +317,13 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
             if dist.agree(better):
                 save(is_best=True)
         if info.is_main:
-            summary = {"best_AP": state.best_metric, "global_step": state.global_step, "epochs": state.epoch,
-                       "train_minutes": state.elapsed_s / 60, **{f"final_{k}": v for k, v in metrics.items()}}
+            summary = {
+                "best_AP": state.best_metric,
+                "global_step": state.global_step,
+                "epochs": state.epoch,
+                "train_minutes": state.elapsed_s / 60,
+                **{f"final_{k}": v for k, v in metrics.items()},
+            }
             atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
             write_history(out / "plots", state.history)
             tracker.log_metrics({"best_AP": state.best_metric}, step=state.global_step)
@@ -273,8 +336,9 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
         dist.barrier()
 
 
-def _log_checkpoints_and_model(tracker: RunTracker, manager: CheckpointManager, cfg: Config, hooks: TrainHooks,
-                               state: TrainState) -> None:
+def _log_checkpoints_and_model(
+    tracker: RunTracker, manager: CheckpointManager, cfg: Config, hooks: TrainHooks, state: TrainState
+) -> None:
     """Export the best model to ``<output_dir>/model.pt``; log checkpoints and the pyfunc model (registered)."""
     from pix2seq.serving import export_model_file, log_pyfunc_model
 

@@ -48,8 +48,13 @@ class DetectionData:
             from pix2seq import distributed as dist
 
             self._train = build_loader(
-                self.cfg, self.cfg.data.train_split, train=True, vocab=self.vocab, distributed=True,
-                num_replicas=dist.get_world_size(), rank=dist.get_rank(),
+                self.cfg,
+                self.cfg.data.train_split,
+                train=True,
+                vocab=self.vocab,
+                distributed=True,
+                num_replicas=dist.get_world_size(),
+                rank=dist.get_rank(),
             )
         return self._train
 
@@ -65,7 +70,9 @@ class DetectionData:
 
     def val_loader(self) -> DataLoader:
         if self._val is None:
-            self._val = build_loader(self.cfg, self.cfg.data.val_split, train=False, distributed=self.distributed)
+            self._val = build_loader(
+                self.cfg, self.cfg.data.val_split, train=False, distributed=self.distributed
+            )
         return self._val
 
 

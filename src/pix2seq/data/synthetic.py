@@ -93,7 +93,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
     elif shape == "star":
         draw.polygon(_star(box), fill=colour)
     elif shape == "hexagon":
-        draw.polygon([(x0, cy), (x0 + w / 4, y0), (x1 - w / 4, y0), (x1, cy), (x1 - w / 4, y1), (x0 + w / 4, y1)], fill=colour)
+        draw.polygon(
+            [(x0, cy), (x0 + w / 4, y0), (x1 - w / 4, y0), (x1, cy), (x1 - w / 4, y1), (x0 + w / 4, y1)],
+            fill=colour,
+        )
     elif shape == "bar":
         t = max(2, int(round(h / 3)))
         draw.rectangle((x0, y0, x1, y0 + t), fill=colour)
@@ -111,7 +114,16 @@ def _star(box: tuple[int, int, int, int]) -> list:
     x0, y0, x1, y1 = box
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     iw, ih = (x1 - x0) / 6, (y1 - y0) / 6
-    return [(cx, y0), (cx + iw, cy - ih), (x1, cy), (cx + iw, cy + ih), (cx, y1), (cx - iw, cy + ih), (x0, cy), (cx - iw, cy - ih)]
+    return [
+        (cx, y0),
+        (cx + iw, cy - ih),
+        (x1, cy),
+        (cx + iw, cy + ih),
+        (cx, y1),
+        (cx - iw, cy + ih),
+        (x0, cy),
+        (cx - iw, cy - ih),
+    ]
 
 
 def _iou(a: tuple, b: tuple) -> float:
@@ -169,7 +181,9 @@ def write_split(cfg: GeneratedDataConfig, root: Path, split: str, count: int) ->
     temporary directory that replaces the split directory only when complete.
     """
     if cfg.num_classes > MAX_CLASSES:
-        raise ValueError(f"data.generated.num_classes: at most {MAX_CLASSES} shapes exist, got {cfg.num_classes}")
+        raise ValueError(
+            f"data.generated.num_classes: at most {MAX_CLASSES} shapes exist, got {cfg.num_classes}"
+        )
     root = Path(root)
     ann_path = root / "annotations" / f"instances_{split}.json"
     fp = _fingerprint(cfg, split, count)
@@ -207,7 +221,9 @@ def write_split(cfg: GeneratedDataConfig, root: Path, split: str, count: int) ->
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": c + 1, "name": SHAPES[c], "supercategory": "shape"} for c in range(cfg.num_classes)],
+        "categories": [
+            {"id": c + 1, "name": SHAPES[c], "supercategory": "shape"} for c in range(cfg.num_classes)
+        ],
     }
     final = root / split
     old = root / f".{split}.old"

@@ -47,7 +47,9 @@ def run_evaluation(cfg: Config) -> dict[str, float]:
     info = dist.init_distributed()
     path = checkpoint_for(cfg)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint to evaluate; train first (dvc repro train) or set eval.checkpoint")
+        raise FileNotFoundError(
+            f"{path}: no checkpoint to evaluate; train first (dvc repro train) or set eval.checkpoint"
+        )
     ckpt = load_checkpoint(path, map_location="cpu")
     mcfg = model_config(cfg, ckpt["config"])
     vocab = Vocab(**ckpt["vocab"])
@@ -56,24 +58,45 @@ def run_evaluation(cfg: Config) -> dict[str, float]:
     model.to(info.device)
     data = load_detection_data(mcfg, distributed=info.world_size > 1)
     if data.num_classes != vocab.num_classes:
-        raise ValueError(f"{path}: the model knows {vocab.num_classes} categories, the dataset has {data.num_classes}")
+        raise ValueError(
+            f"{path}: the model knows {vocab.num_classes} categories, the dataset has {data.num_classes}"
+        )
     t0 = time.perf_counter()
-    metrics, result, samples = evaluate_model(model, data, vocab, mcfg, info.device, keep_images=cfg.eval.num_vis)
+    metrics, result, samples = evaluate_model(
+        model, data, vocab, mcfg, info.device, keep_images=cfg.eval.num_vis
+    )
     seconds = time.perf_counter() - t0
     if not info.is_main:
         return {}
     out = Path(cfg.eval.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n_images = len(result.img_ids) if getattr(result, "img_ids", None) is not None else len(data.val_loader().dataset)
-    report = {**metrics, "images": n_images, "images_per_s": n_images / max(seconds, 1e-9),
-              "checkpoint": str(path), "global_step": int(ckpt.get("global_step", 0))}
+    n_images = (
+        len(result.img_ids)
+        if getattr(result, "img_ids", None) is not None
+        else len(data.val_loader().dataset)
+    )
+    report = {
+        **metrics,
+        "images": n_images,
+        "images_per_s": n_images / max(seconds, 1e-9),
+        "checkpoint": str(path),
+        "global_step": int(ckpt.get("global_step", 0)),
+    }
     atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
     write_per_class_table(result, out / "per_class.md", out / "per_class.csv")
     plot_pr_curve(result, out / "pr_curve.png")
     names = [c["name"] for c in data.categories]
     drawn = [
-        draw_detections(s["image"], s["pred"]["boxes"] * s["scale"], s["pred"]["labels"], s["pred"]["scores"],
-                        s["gt_boxes"] * s["scale"], s["gt_labels"], names, score_thresh=0.3)
+        draw_detections(
+            s["image"],
+            s["pred"]["boxes"] * s["scale"],
+            s["pred"]["labels"],
+            s["pred"]["scores"],
+            s["gt_boxes"] * s["scale"],
+            s["gt_labels"],
+            names,
+            score_thresh=0.3,
+        )
         for s in samples
     ]
     if drawn:
@@ -84,11 +107,18 @@ def run_evaluation(cfg: Config) -> dict[str, float]:
 
 def _log_to_run(cfg: Config, out: Path, report: dict[str, Any]) -> None:
     run_id_file = Path(cfg.train.output_dir) / "mlflow_run_id"
-    tracker = RunTracker(cfg, run_id_file=run_id_file, resume=run_id_file.exists(), log_system_metrics=False,
-                         run_name="evaluate")
+    tracker = RunTracker(
+        cfg,
+        run_id_file=run_id_file,
+        resume=run_id_file.exists(),
+        log_system_metrics=False,
+        run_name="evaluate",
+    )
     tracker.start()
     try:
-        tracker.log_metrics({k: v for k, v in report.items() if isinstance(v, int | float)}, step=report["global_step"])
+        tracker.log_metrics(
+            {k: v for k, v in report.items() if isinstance(v, int | float)}, step=report["global_step"]
+        )
         for f in sorted(out.iterdir()):
             if f.is_file():
                 tracker.log_artifact(f, "evaluation")
@@ -98,6 +128,3 @@ def _log_to_run(cfg: Config, out: Path, report: dict[str, Any]) -> None:
 
 def describe(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.1f}" for k, v in metrics.items())
-
-
-
