@@ -3,23 +3,16 @@
 python pipeline/evaluate.py [key.sub=value ...]
 """
 
-import argparse
 import sys
 
-from pix2seq.config import load_config
+from pix2seq.config import config_from_argv
 from pix2seq.evaluation.report import describe, run_evaluation
 from pix2seq.launch import relaunch_under_torchrun
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.params, args.overrides)
+    cfg = config_from_argv(argv, usage=__doc__)
     relaunch_under_torchrun(__file__, argv)
     metrics = run_evaluation(cfg)
     if metrics:

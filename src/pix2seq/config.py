@@ -484,11 +484,17 @@ def validate(cfg: Config) -> None:
     _check(tu.timeout_minutes >= 0 and tu.trial_minutes >= 0, "tune.trial_minutes", "must be >= 0")
 
 
-def config_from_argv(argv: list[str]) -> Config:
-    """``[--params FILE] [key.sub=value ...]``, as every pipeline script takes them (default params.yaml)."""
+def config_from_argv(argv: list[str], usage: str | None = None) -> Config:
+    """``[--params FILE] [key.sub=value ...]``, as every pipeline script takes them (default params.yaml).
+
+    ``-h``/``--help`` prints ``usage`` (the script's docstring) and exits.
+    """
     path, overrides = "params.yaml", []
     args = iter(argv)
     for arg in args:
+        if arg in ("-h", "--help"):
+            print(usage or "usage: [--params FILE] [key.sub=value ...]")
+            raise SystemExit(0)
         if arg == "--params":
             path = next(args, "")
             if not path:
