@@ -2,16 +2,22 @@
 
     python scripts/learn_proof.py --minutes 10                  # configs/proof-128px.yaml
     python scripts/learn_proof.py --minutes 10 seed=1 train.lr=2e-3
+    python scripts/learn_proof.py --minutes 10 --procs 2       # two 1-thread processes (torchrun)
 
 The budget is wall-clock *training* time (evaluations are not counted) and the learning-rate
 schedule is laid out over it. Held-out AP (pycocotools) is measured every ``--eval-every`` minutes
 and at the end; the curve and the command go to ``reports/learn_proof.json``.
+
+``--procs N`` trains data-parallel in N torchrun processes (Gloo on CPU), one intra-op thread each
+(torchrun's default). On this 2-core machine two 1-thread processes train ~25 % more images per
+second than one 2-thread process, whose thread pool idles in the many small ops of a step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +25,7 @@ from pathlib import Path
 from pix2seq.config import atomic_write_text, load_config
 from pix2seq.data.download import run_download
 from pix2seq.data.prepare import run_prepare
+from pix2seq.launch import relaunch_under_torchrun
 from pix2seq.training import TrainHooks, run_training
 
 
@@ -39,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--eval-every", type=float, default=2.5, help="minutes of training between evaluations"
     )
     parser.add_argument("--out", default="reports/learn_proof.json")
+    parser.add_argument("--procs", type=int, default=1, help="data-parallel processes (torchrun)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     args = parser.parse_args(argv)
 
@@ -52,8 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
             *args.overrides,
         ],
     )
-    run_download(cfg)  # the generated dataset is written once, then reused
-    run_prepare(cfg, report_path=Path(cfg.data.prepared_dir) / "report.json", progress=False)
+    if "LOCAL_RANK" not in os.environ:  # once, before torchrun starts the workers
+        run_download(cfg)  # the generated dataset is written once, then reused
+        run_prepare(cfg, report_path=Path(cfg.data.prepared_dir) / "report.json", progress=False)
+        if args.procs > 1:
+            os.environ["GPUS"] = str(args.procs)  # the process count relaunch_under_torchrun reads
+            relaunch_under_torchrun(__file__, argv)
 
     t0 = time.perf_counter()
     result = run_training(
@@ -62,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
             run_name=f"learn-proof-{args.minutes:g}min", register_model=False, tags={"purpose": "learn-proof"}
         ),
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
     plots = Path(cfg.train.output_dir) / "plots"
     ap, ap50, minutes = (read_curve(plots, k) for k in ("AP", "AP50", "train_minutes"))
     curve = [
@@ -72,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python scripts/learn_proof.py " + " ".join(argv),
         "config": args.config,
         "seed": cfg.seed,
+        "processes": args.procs,
         "minutes": args.minutes,
         "final": {k: round(v, 2) for k, v in result.metrics.items()},
         "curve": curve,

@@ -31,6 +31,9 @@ def test_defaults_validate():
         ({"train": {"batch_repeat": 0}}, "train.batch_repeat"),
         ({"eval": {"use_cache": True}}, "eval.use_cache"),
         ({"train": {"compile": "yes"}}, "train.compile"),
+        ({"model": {"pos_temperature": 1.0}}, "model.pos_temperature"),
+        ({"model": {"coord_init": "learned"}}, "model.coord_init"),
+        ({"tokenizer": {"class_weight": -1}}, "tokenizer.class_weight"),
     ],
 )
 def test_bad_values_name_the_key(values, key):

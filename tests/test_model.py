@@ -250,6 +250,38 @@ def test_build_model_sequence_length_and_init():
     assert m.out_bias.abs().sum() == 0
 
 
+def test_sincos_coordinate_init_orders_the_bins():
+    """coord_init=sincos: neighbouring bins start out more alike than distant ones; classes stay random."""
+    v = Vocab(NUM_CLASSES, BINS)
+    torch.manual_seed(0)
+    m, _ = build_model(tiny_cfg(coord_init="sincos"), v)
+    e = nn.functional.normalize(m.token_embed.weight[v.coord_start : v.coord_end], dim=1)
+    sim = e @ e.T
+    near = torch.diagonal(sim, 1).mean().item()
+    far = torch.diagonal(sim, BINS // 2).mean().item()
+    assert near > 0.8 and far < 0.3, (near, far)
+    assert 0.015 < m.token_embed.weight[v.coord_start : v.coord_end].std().item() < 0.025
+    torch.manual_seed(0)
+    r, _ = build_model(tiny_cfg(), v)
+    er = nn.functional.normalize(r.token_embed.weight[v.coord_start : v.coord_end], dim=1)
+    assert abs(torch.diagonal(er @ er.T, 1).mean().item()) < 0.2  # random init: no order
+    assert torch.equal(m.token_embed.weight[: v.coord_start], r.token_embed.weight[: v.coord_start])
+
+
+def test_pos_temperature_changes_the_image_positions():
+    a = sincos_2d(8, 8, 64)
+    b = sincos_2d(8, 8, 64, temperature=20.0)
+    # the lowest frequency of temperature 20 still varies across 8 cells; 10000's is flat
+    q = 64 // 4
+    assert (b[:, q - 1].max() - b[:, q - 1].min()) > 0.3 > (a[:, q - 1].max() - a[:, q - 1].min())
+    torch.manual_seed(0)
+    m, _ = build_model(tiny_cfg(pos_temperature=20.0), Vocab(NUM_CLASSES, BINS))
+    torch.manual_seed(0)
+    n, _ = build_model(tiny_cfg(), Vocab(NUM_CLASSES, BINS))
+    x = torch.rand(1, 3, SIZE, SIZE)
+    assert not torch.allclose(m.eval().encode(x), n.eval().encode(x))
+
+
 def test_param_count_of_default_coco_config():
     """resnet50 C5, 6+6 layers, d 256, MLP 1024, 1000 bins, 80 classes (official: 36.6 M with a
     3000-token vocabulary; ours has 1083 tokens, 0.49 M fewer embedding parameters)."""

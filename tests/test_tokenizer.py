@@ -214,3 +214,15 @@ def test_raster_and_area_orders():
         else:
             area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
             assert bool((area[1:] <= area[:-1] + 1e-6).all())
+
+
+def test_class_weight_scales_only_real_class_tokens():
+    v = Vocab(num_classes=5, bins=64)
+    cfg = TokenizerConfig(bins=64, max_instances=6, class_weight=3.0, eos_weight=0.1)
+    boxes, labels = _boxes(2)
+    _, tgt, w = build_sequence(boxes, labels, v, cfg, torch.Generator().manual_seed(0))
+    real = w[:10].reshape(2, 5)
+    assert torch.equal(real[:, 4], torch.full((2,), 3.0)) and bool((real[:, :4] == 1).all())
+    noise = w[10:30].reshape(4, 5)  # noise objects keep their own weights
+    assert torch.equal(noise[:, 4], torch.full((4,), cfg.noise_class_weight))
+    assert bool((noise[:, :4] == cfg.noise_coord_weight).all())

@@ -98,6 +98,7 @@ class TokenizerConfig:
     noise_class: Literal["noise", "random"] = "noise"  # target class of noise objects
     noise_coord_weight: float = 0.0
     noise_class_weight: float = 1.0
+    class_weight: float = 1.0  # loss weight of real objects' class token (the paper: 1)
     eos_weight: float = 0.1
     class_corruption: bool = True  # input class tokens -> random class / NOISE
     input_dropout: float = 0.0  # probability of replacing an input token by a random one of its type
@@ -120,6 +121,12 @@ class ModelConfig:
     dropout: float = 0.1
     drop_path: float = 0.1
     attention: Literal["auto", "sdpa", "math"] = "auto"  # auto: SDPA on GPU, matmul+softmax on CPU
+    # coordinate-token embeddings at init: random (the paper) or a 1-D sine-cosine code of the bin,
+    # so neighbouring bins start out similar (as inputs and as output classifiers)
+    coord_init: Literal["random", "sincos"] = "random"
+    # temperature of the image's 2-D sine-cosine positions (frequencies 1 .. 1/T per feature cell);
+    # a small grid (8x8 at 128 px) leaves most of 10000's frequencies flat across the image
+    pos_temperature: float = 10000.0
 
 
 @dataclass
@@ -434,7 +441,7 @@ def validate(cfg: Config) -> None:
     _check(t.bins >= 2, "tokenizer.bins", f"must be >= 2, got {t.bins}")
     _check(t.max_instances >= 1, "tokenizer.max_instances", "must be >= 1")
     _check(0.0 <= t.input_dropout < 1.0, "tokenizer.input_dropout", "must be in [0, 1)")
-    for k in ("noise_coord_weight", "noise_class_weight", "eos_weight", "jitter_std"):
+    for k in ("noise_coord_weight", "noise_class_weight", "class_weight", "eos_weight", "jitter_std"):
         _check(getattr(t, k) >= 0, f"tokenizer.{k}", "must be >= 0")
     if t.vocab_size and cfg.data.source == "generated":
         need = num_specials() + g.num_classes + t.bins
@@ -451,6 +458,7 @@ def validate(cfg: Config) -> None:
     )
     _check(m.encoder_layers >= 0, "model.encoder_layers", "must be >= 0")
     _check(m.decoder_layers >= 1, "model.decoder_layers", "must be >= 1")
+    _check(m.pos_temperature > 1.0, "model.pos_temperature", f"must be > 1, got {m.pos_temperature}")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")
 

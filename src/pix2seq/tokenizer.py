@@ -159,7 +159,9 @@ def build_sequence(
     real_cls = vocab.label_to_token(labels[order])
     n = real.shape[0]
 
-    weights_obj = [torch.ones(n, TOKENS_PER_OBJECT)]
+    w_real = torch.ones(n, TOKENS_PER_OBJECT)
+    w_real[:, 4] = tcfg.class_weight
+    weights_obj = [w_real]
     noise = real.new_zeros((0, 4))
     if train and tcfg.augment_sequence and n < m:
         noise = _sort_corners(noise_boxes(real, m - n, tcfg, generator))

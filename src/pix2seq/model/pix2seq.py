@@ -32,11 +32,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Pix2Seq(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        max_seq_len: int,
+        coord_tokens: tuple[int, int] | None = None,
+    ) -> None:
+        """``coord_tokens``: the ``[start, end)`` ids of the coordinate tokens (``cfg.coord_init``)."""
         super().__init__()
         d = cfg.d_model
         self.cfg = cfg
         self.vocab_size = vocab_size
+        self.coord_tokens = coord_tokens
+        if cfg.coord_init != "random" and coord_tokens is None:
+            raise ValueError(f"model.coord_init={cfg.coord_init!r} needs the coordinate token range")
         self.max_seq_len = max_seq_len
         self.d_model = d
         self.heads = cfg.heads
@@ -73,6 +83,11 @@ class Pix2Seq(nn.Module):
                 child.apply(init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
         nn.init.zeros_(self.out_bias)
+        if self.cfg.coord_init == "sincos":
+            start, end = self.coord_tokens
+            with torch.no_grad():
+                self.token_embed.weight[start:end] = 0.02 * sincos_1d(end - start, self.d_model)
+
 
     # ------------------------------------------------------------------------------- encoder
     def normalize(self, images: Tensor) -> Tensor:
@@ -89,7 +104,7 @@ class Pix2Seq(nn.Module):
         f = self.backbone(self.normalize(images))
         b, _, h, w = f.shape
         x = self.input_norm(self.input_proj(f.flatten(2).transpose(1, 2)))
-        pos = sincos_2d(h, w, self.d_model, device=x.device).to(x.dtype)
+        pos = sincos_2d(h, w, self.d_model, device=x.device, temperature=self.cfg.pos_temperature).to(x.dtype)
         x = self.encoder(x + pos)
         x = self.bridge_norm(self.bridge_proj(x))
         x = x + pos.to(x.dtype)
@@ -138,6 +153,23 @@ class Pix2Seq(nn.Module):
         """``tokens (B,)`` at position ``cache.pos`` -> next-token logits ``(B, V)``; advances the cache."""
         x = F.embedding(tokens, self.token_embed.weight) + self.pos_embed[cache.pos]
         return self.logits(decoder_step(x, cache))
+
+
+def sincos_1d(n: int, dim: int) -> Tensor:
+    """``(n, dim)`` sine-cosine codes of the positions ``0..n-1``, unit variance per column pair.
+
+    Used for the coordinate-token embeddings (``model.coord_init: sincos``): bins that are close in
+    value get close codes, so the shared embedding starts with the order of the coordinates built
+    in, rather than learning from data that bin 41 sits next to bin 42. Periods run geometrically
+    from 4 bins to 4n bins: every frequency varies over the range, none is a constant offset.
+    """
+    half = dim // 2
+    period = 4.0 * float(n) ** (torch.arange(half, dtype=torch.float64) / max(half - 1, 1))
+    phase = torch.arange(n, dtype=torch.float64)[:, None] * (2 * torch.pi / period)[None, :]
+    code = torch.cat([phase.sin(), phase.cos()], dim=1) * 2.0**0.5  # sin/cos over a cycle: variance 1/2
+    if code.shape[1] < dim:
+        code = torch.cat([code, torch.zeros(n, dim - code.shape[1], dtype=code.dtype)], dim=1)
+    return code.float()
 
 
 def _projection_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
