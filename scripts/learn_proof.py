@@ -1,16 +1,15 @@
 """Proof that Pix2Seq learns here: train for N minutes on generated shapes, report held-out COCO AP.
 
-    python scripts/learn_proof.py --minutes 10                  # configs/proof-128px.yaml
-    python scripts/learn_proof.py --minutes 10 seed=1 train.lr=2e-3
-    python scripts/learn_proof.py --minutes 10 --procs 2       # two 1-thread processes (torchrun)
+    python scripts/learn_proof.py --minutes 10 --procs 2        # configs/proof-128px.yaml, 2 processes
+    python scripts/learn_proof.py --minutes 10 --procs 2 seed=1 train.lr=2e-3
 
 The budget is wall-clock *training* time (evaluations are not counted) and the learning-rate
 schedule is laid out over it. Held-out AP (pycocotools) is measured every ``--eval-every`` minutes
 and at the end; the curve and the command go to ``reports/learn_proof.json``.
 
 ``--procs N`` trains data-parallel in N torchrun processes (Gloo on CPU), one intra-op thread each
-(torchrun's default). On this 2-core machine two 1-thread processes train ~25 % more images per
-second than one 2-thread process, whose thread pool idles in the many small ops of a step.
+(torchrun's default); ``train.batch_size`` is per process. Measured here: 2 processes x 16 images
+train 36 images/s in all (channels_last); one 2-thread process at batch 16 (channels_first) trained 34.
 """
 
 from __future__ import annotations

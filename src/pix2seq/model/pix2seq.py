@@ -88,7 +88,6 @@ class Pix2Seq(nn.Module):
             with torch.no_grad():
                 self.token_embed.weight[start:end] = 0.02 * sincos_1d(end - start, self.d_model)
 
-
     # ------------------------------------------------------------------------------- encoder
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 ``[0, 255]`` or float ``[0, 1]`` images -> ImageNet-normalised float."""
