@@ -62,9 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "LOCAL_RANK" not in os.environ:  # once, before torchrun starts the workers
         run_download(cfg)  # the generated dataset is written once, then reused
         run_prepare(cfg, report_path=Path(cfg.data.prepared_dir) / "report.json", progress=False)
-        if args.procs > 1:
-            os.environ["GPUS"] = str(args.procs)  # the process count relaunch_under_torchrun reads
-            relaunch_under_torchrun(__file__, argv)
+        relaunch_under_torchrun(__file__, argv, processes=args.procs)
 
     t0 = time.perf_counter()
     result = run_training(

@@ -28,11 +28,14 @@ def wanted_processes() -> int:
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
-def relaunch_under_torchrun(script: str, argv: list[str]) -> None:
-    """Replace this process by torchrun running ``script`` when more than one process is wanted."""
+def relaunch_under_torchrun(script: str, argv: list[str], processes: int | None = None) -> None:
+    """Replace this process by torchrun running ``script`` when more than one process is wanted.
+
+    ``processes``: how many; default :func:`wanted_processes` (``GPUS`` or the GPU count).
+    """
     if "LOCAL_RANK" in os.environ:
         return
-    n = wanted_processes()
+    n = wanted_processes() if processes is None else processes
     if n == 1:
         return
     cmd = [

@@ -25,7 +25,16 @@ from torch import Tensor, nn
 
 from pix2seq.config import ModelConfig
 from pix2seq.model.backbone import Backbone
-from pix2seq.model.transformer import MLP, Decoder, Encoder, StepCache, decoder_step, init_weights, sincos_2d
+from pix2seq.model.transformer import (
+    MLP,
+    Decoder,
+    Encoder,
+    StepCache,
+    decoder_step,
+    init_weights,
+    sincos_1d,
+    sincos_2d,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -152,23 +161,6 @@ class Pix2Seq(nn.Module):
         """``tokens (B,)`` at position ``cache.pos`` -> next-token logits ``(B, V)``; advances the cache."""
         x = F.embedding(tokens, self.token_embed.weight) + self.pos_embed[cache.pos]
         return self.logits(decoder_step(x, cache))
-
-
-def sincos_1d(n: int, dim: int) -> Tensor:
-    """``(n, dim)`` sine-cosine codes of the positions ``0..n-1``, unit variance per column pair.
-
-    Used for the coordinate-token embeddings (``model.coord_init: sincos``): bins that are close in
-    value get close codes, so the shared embedding starts with the order of the coordinates built
-    in, rather than learning from data that bin 41 sits next to bin 42. Periods run geometrically
-    from 4 bins to 4n bins: every frequency varies over the range, none is a constant offset.
-    """
-    half = dim // 2
-    period = 4.0 * float(n) ** (torch.arange(half, dtype=torch.float64) / max(half - 1, 1))
-    phase = torch.arange(n, dtype=torch.float64)[:, None] * (2 * torch.pi / period)[None, :]
-    code = torch.cat([phase.sin(), phase.cos()], dim=1) * 2.0**0.5  # sin/cos over a cycle: variance 1/2
-    if code.shape[1] < dim:
-        code = torch.cat([code, torch.zeros(n, dim - code.shape[1], dtype=code.dtype)], dim=1)
-    return code.float()
 
 
 def _projection_dtype(x: Tensor, weight: Tensor) -> torch.dtype:

@@ -415,6 +415,23 @@ def sincos_2d(
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
 
 
+def sincos_1d(n: int, dim: int) -> Tensor:
+    """``(n, dim)`` sine-cosine codes of the positions ``0..n-1``, unit variance per column pair.
+
+    Used for the coordinate-token embeddings (``model.coord_init: sincos``): bins that are close in
+    value get close codes, so the shared embedding starts with the order of the coordinates built
+    in, rather than learning from data that bin 41 sits next to bin 42. Periods run geometrically
+    from 4 bins to 4n bins: every frequency varies over the range, none is a constant offset.
+    """
+    half = dim // 2
+    period = 4.0 * float(n) ** (torch.arange(half, dtype=torch.float64) / max(half - 1, 1))
+    phase = torch.arange(n, dtype=torch.float64)[:, None] * (2 * torch.pi / period)[None, :]
+    code = torch.cat([phase.sin(), phase.cos()], dim=1) * 2.0**0.5  # sin/cos over a cycle: variance 1/2
+    if code.shape[1] < dim:
+        code = torch.cat([code, torch.zeros(n, dim - code.shape[1], dtype=code.dtype)], dim=1)
+    return code.float()
+
+
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """Trunc-normal(0.02) linear / embedding weights, zero biases, unit LayerNorm."""
     if isinstance(module, nn.Linear):
@@ -440,6 +457,7 @@ __all__ = [
     "attention",
     "causal_mask",
     "init_weights",
+    "sincos_1d",
     "sincos_2d",
     "use_sdpa",
 ]
