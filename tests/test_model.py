@@ -72,7 +72,13 @@ def tokens(b: int, vocab: Vocab, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "name,stage,channels,stride",
-    [("resnet18", "layer3", 256, 16), ("resnet18", "layer4", 512, 32), ("resnet50", "layer4", 2048, 32)],
+    [
+        ("resnet18", "layer2", 128, 8),
+        ("resnet18", "layer3", 256, 16),
+        ("resnet18", "layer4", 512, 32),
+        ("resnet50", "layer2", 512, 8),
+        ("resnet50", "layer4", 2048, 32),
+    ],
 )
 def test_backbone_channels_and_stride(name, stage, channels, stride):
     with torch.device("meta"):

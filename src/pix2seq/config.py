@@ -109,7 +109,7 @@ class TokenizerConfig:
 class ModelConfig:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     pretrained: bool = False  # torchvision ImageNet weights (downloaded by torchvision on first use)
-    backbone_stage: Literal["layer3", "layer4"] = "layer4"  # layer4 = C5 (stride 32)
+    backbone_stage: Literal["layer2", "layer3", "layer4"] = "layer4"  # strides 8, 16, 32 (C5)
     # auto: frozen BN with pretrained weights, SyncBatchNorm on several GPUs, BatchNorm otherwise;
     # group: GroupNorm, independent of the batch (exact multi-process equivalence on CPU)
     backbone_norm: Literal["auto", "batch", "frozen", "group"] = "auto"

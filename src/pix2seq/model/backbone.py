@@ -1,4 +1,5 @@
-"""ResNet feature extractor (torchvision), cut after ``layer3`` (stride 16) or ``layer4`` (C5, stride 32).
+"""ResNet feature extractor (torchvision), cut after ``layer2`` (stride 8), ``layer3``
+(stride 16) or ``layer4`` (C5, stride 32).
 
 ``pretrained=True`` loads torchvision's ImageNet-1k weights (downloaded by torchvision on first use)
 and, like DETR, freezes the stem and ``layer1``. Normalisation layers (``norm``, ``model.backbone_norm``):
@@ -22,12 +23,12 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-# output channels of (layer3, layer4) for each supported ResNet
+# output channels of (layer2, layer3, layer4) for each supported ResNet
 _CHANNELS = {
-    "resnet18": (256, 512),
-    "resnet34": (256, 512),
-    "resnet50": (1024, 2048),
-    "resnet101": (1024, 2048),
+    "resnet18": (128, 256, 512),
+    "resnet34": (128, 256, 512),
+    "resnet50": (512, 1024, 2048),
+    "resnet101": (512, 1024, 2048),
 }
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -41,8 +42,8 @@ class Backbone(nn.Module):
         super().__init__()
         if name not in _CHANNELS:
             raise ValueError(f"model.backbone: unknown backbone {name!r} (known: {sorted(_CHANNELS)})")
-        if stage not in ("layer3", "layer4"):
-            raise ValueError(f"model.backbone_stage: must be layer3 or layer4, got {stage!r}")
+        if stage not in _STAGES[1:]:
+            raise ValueError(f"model.backbone_stage: must be layer2, layer3 or layer4, got {stage!r}")
         if norm not in ("auto", "batch", "frozen", "group"):
             raise ValueError(f"model.backbone_norm: must be auto, batch, frozen or group, got {norm!r}")
         if norm == "auto":
@@ -70,8 +71,8 @@ class Backbone(nn.Module):
         self.stage = stage
         self.pretrained = pretrained
         self.norm = norm
-        self.num_channels = _CHANNELS[name][0 if stage == "layer3" else 1]
-        self.stride = 16 if stage == "layer3" else 32
+        self.num_channels = _CHANNELS[name][last - 1]
+        self.stride = 2 ** (last + 2)  # layer2: 8, layer3: 16, layer4: 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
