@@ -11,7 +11,7 @@ Both train on a generated COCO-format dataset (cached under --data-dir) through 
 DataLoader (``build_loader``: repetition sampler, --workers workers, collate). A step is what
 ``pix2seq.engine.train_one_epoch`` does: forward under autocast (``train.amp``: auto = bf16, off =
 float32), the weighted sequence loss, backward, grad-norm clipping, AdamW
-(``pix2seq.optim.build_optimizer``: the seed's parameter groups; fused on CUDA), zero_grad and
+(``pix2seq.optim.build_optimizer``: the seed's parameter groups; fused on CUDA and CPU), zero_grad and
 the schedule. Each phase is timed on the host; on CUDA the device is synchronised at the phase
 boundaries (which costs a little throughput, so the GPU benchmark's images/s comes from
 unsynchronised steps).

@@ -147,7 +147,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "off"] = "auto"
     compile: bool = False
     channels_last: bool = False
-    fused_adamw: bool = True  # used on CUDA only
+    fused_adamw: bool = True  # fused AdamW kernel on CUDA and CPU
     eval_every_epochs: int = 10
     eval_every_minutes: float = 0.0  # > 0: also evaluate on this wall-clock period
     checkpoint_every_steps: int = 500

@@ -44,7 +44,9 @@ def param_groups(model: nn.Module, tcfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, tcfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    fused = bool(tcfg.fused_adamw and device.type == "cuda")
+    # fused kernels exist for CUDA and CPU (measured here, 7.2 M parameters, 1 thread: 9.6 ms a step
+    # against 30 ms for the default per-tensor loop)
+    fused = bool(tcfg.fused_adamw and device.type in ("cuda", "cpu"))
     return torch.optim.AdamW(param_groups(model, tcfg), lr=tcfg.lr, betas=tuple(tcfg.betas), fused=fused)
 
 
