@@ -254,18 +254,18 @@ def test_wall_clock_budget_evaluates_mid_epoch(tiny_prepared, tmp_path, mlflow_s
 
 def test_cpu_optimizer_is_fused_and_matches_the_reference_adamw():
     """train.fused_adamw uses the fused kernel on CPU too; its update equals torch's per-tensor AdamW."""
+    import copy
+    import dataclasses
+
     from pix2seq.config import TrainConfig
     from pix2seq.optim import build_optimizer
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
-    ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
-    ref.load_state_dict(net.state_dict())
+    ref = copy.deepcopy(net)
     tcfg = TrainConfig(lr=1e-2, weight_decay=0.05)
     fused = build_optimizer(net, tcfg, torch.device("cpu"))
-    plain = build_optimizer(
-        ref, TrainConfig(lr=1e-2, weight_decay=0.05, fused_adamw=False), torch.device("cpu")
-    )
+    plain = build_optimizer(ref, dataclasses.replace(tcfg, fused_adamw=False), torch.device("cpu"))
     assert fused.defaults["fused"] and not plain.defaults["fused"]
     start = [p.detach().clone() for p in net.parameters()]
     x = torch.randn(32, 8)
