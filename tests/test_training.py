@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_train_config
 
-from pix2seq.checkpoint import load_checkpoint
+from pix2seq.checkpoint import CheckpointManager, load_checkpoint
 from pix2seq.config import load_config
 from pix2seq.engine import NonFiniteLossError
 from pix2seq.training import run_training
@@ -154,7 +154,9 @@ def test_sigkill_and_resume_is_bit_identical(tiny_prepared, tmp_path, mlflow_sto
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    at_kill = load_checkpoint(killed_dir / "checkpoints" / "last.pt")["global_step"]
+    # the kill may land between ckpt-<step>.pt and its last.pt link: read what resume will read
+    _, at_kill_state = CheckpointManager(killed_dir / "checkpoints").load_latest()
+    at_kill = at_kill_state["global_step"]
     assert 0 < at_kill < 18, "the kill must land mid-training"
 
     resumed = run_training(load_config(None, tiny_train_config(root, prepared, killed_dir, **over)))
