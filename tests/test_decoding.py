@@ -31,7 +31,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _make(attention: str = "math", seed: int = 0):
+def _make(attention: str = "math", seed: int = 0, box_attention: bool = False):
     torch.manual_seed(seed)
     cfg = Config()
     cfg.model = ModelConfig(
@@ -45,6 +45,7 @@ def _make(attention: str = "math", seed: int = 0):
         dropout=0.1,
         drop_path=0.1,
         attention=attention,
+        box_attention=box_attention,
     )
     cfg.tokenizer.bins = BINS
     cfg.tokenizer.max_instances = MAX_INSTANCES
@@ -118,6 +119,19 @@ def test_caches_agree_unconstrained(model_vocab, imgs):
     model, vocab = model_vocab
     ref = generate(model, imgs, vocab, N, constrained=False, cache="none")
     _assert_same(ref, generate(model, imgs, vocab, N, constrained=False, cache="full"))
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_box_attention_caches_agree(imgs, method):
+    """``model.box_attention`` reads the last four input tokens: the cache keeps (and reorders) them."""
+    model, vocab = _make(box_attention=True)
+    outs = {
+        c: generate(model, imgs, vocab, N, method=method, beam_size=3, cache=c)
+        for c in ("none", "self", "full")
+    }
+    _varied(outs["none"].tokens, vocab)
+    _assert_same(outs["none"], outs["self"])
+    _assert_same(outs["none"], outs["full"])
 
 
 def test_beam_width_one_equals_greedy(model_vocab, imgs):
@@ -211,8 +225,9 @@ def test_memory_argument_and_training_mode_restored(model_vocab, imgs):
         model.eval()
 
 
-def test_bf16_autocast(model_vocab, imgs):
-    model, vocab = model_vocab
+@pytest.mark.parametrize("box_attention", [False, True])
+def test_bf16_autocast(imgs, box_attention):
+    model, vocab = _make(box_attention=box_attention)
     for cache in ("none", "full"):
         out = generate(model, imgs, vocab, N, cache=cache, autocast_dtype=torch.bfloat16)
         assert out.class_probs.dtype == torch.float32
@@ -220,9 +235,10 @@ def test_bf16_autocast(model_vocab, imgs):
         assert torch.isfinite(out.class_probs).all()
 
 
-def test_sdpa_and_math_generate_agree(imgs):
-    m_math, vocab = _make("math")
-    m_sdpa, _ = _make("sdpa")
+@pytest.mark.parametrize("box_attention", [False, True])
+def test_sdpa_and_math_generate_agree(imgs, box_attention):
+    m_math, vocab = _make("math", box_attention=box_attention)
+    m_sdpa, _ = _make("sdpa", box_attention=box_attention)
     m_sdpa.load_state_dict(m_math.state_dict())
     a = generate(m_math, imgs, vocab, N)
     b = generate(m_sdpa, imgs, vocab, N)

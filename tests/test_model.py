@@ -14,7 +14,7 @@ from pix2seq.config import Config, ModelConfig
 from pix2seq.model import Pix2Seq, SequenceLoss, build_model, max_seq_len
 from pix2seq.model.backbone import Backbone
 from pix2seq.model.transformer import DropPath, attention, causal_mask, sincos_2d, use_sdpa
-from pix2seq.vocab import Vocab
+from pix2seq.vocab import EOS, PROMPT, Vocab
 
 NUM_CLASSES, BINS, MAX_INSTANCES, SIZE = 4, 32, 5, 64
 
@@ -286,6 +286,33 @@ def test_pos_temperature_changes_the_image_positions():
     n, _ = build_model(tiny_cfg(), Vocab(NUM_CLASSES, BINS))
     x = torch.rand(1, 3, SIZE, SIZE)
     assert not torch.allclose(m.eval().encode(x), n.eval().encode(x))
+
+
+def test_box_attention_looks_at_the_box_from_class_positions():
+    """model.box_attention: the cross-attention logits of the query before each class token get a
+    Gaussian prior around the box named by the four coordinates before it; other positions do not."""
+    v = Vocab(NUM_CLASSES, BINS)
+    m, _, _ = tiny_model(box_attention=True)
+    side = SIZE // 16  # layer3: stride 16 -> a 4 x 4 memory
+    # the box covers feature cell (row 1, col 2) exactly
+    box = v.quantize(torch.tensor([1.0, 2.0, 2.0, 3.0]) / side)
+    bias = m.box_attention_bias(box, side * side).view(side, side)
+    assert bias.argmax().item() == 1 * side + 2 and bias.max().item() > -0.05
+    assert bias[1, 3].item() == pytest.approx(-2.0, abs=0.2)  # one cell right: two half-box widths
+    assert bias[3, 0].item() < bias[1, 0].item() < bias[1, 1].item()
+    with pytest.raises(ValueError, match="square feature grid"):
+        m.box_attention_bias(box, 12)
+
+    tokens = torch.cat([torch.tensor([PROMPT]), box, torch.tensor([v.class_start]), box, torch.tensor([EOS])])
+    tokens = tokens[None]  # (1, 11): prompt, an object, a second box, EOS
+    mem = m.eval().encode(images(1))
+    plain, _, _ = tiny_model(box_attention=False)
+    plain.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        a, b = m.eval().decode(tokens, mem), plain.eval().decode(tokens, mem)
+    differs = [(a[0, t] - b[0, t]).abs().max().item() > 1e-5 for t in range(tokens.shape[1])]
+    # causal: position 4 (input xmax of object 1) and everything after it see the prior
+    assert differs == [False] * 4 + [True] * 7
 
 
 def test_param_count_of_default_coco_config():

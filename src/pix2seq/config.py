@@ -127,6 +127,10 @@ class ModelConfig:
     # temperature of the image's 2-D sine-cosine positions (frequencies 1 .. 1/T per feature cell);
     # a small grid (8x8 at 128 px) leaves most of 10000's frequencies flat across the image
     pos_temperature: float = 10000.0
+    # not in the paper: at the positions that predict an object's class, cross-attention gets an
+    # additive prior, a Gaussian (log) around the box the four coordinates before it name, so it
+    # looks at the object before the decoder has learnt to read boxes from tokens
+    box_attention: bool = False
 
 
 @dataclass

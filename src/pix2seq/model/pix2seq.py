@@ -19,6 +19,8 @@ Incremental decoding (used by :mod:`pix2seq.decoding`)::
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -56,6 +58,8 @@ class Pix2Seq(nn.Module):
         self.coord_tokens = coord_tokens
         if cfg.coord_init != "random" and coord_tokens is None:
             raise ValueError(f"model.coord_init={cfg.coord_init!r} needs the coordinate token range")
+        if cfg.box_attention and coord_tokens is None:
+            raise ValueError("model.box_attention needs the coordinate token range")
         self.max_seq_len = max_seq_len
         self.d_model = d
         self.heads = cfg.heads
@@ -132,7 +136,13 @@ class Pix2Seq(nn.Module):
         if t > self.max_seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.max_seq_len}")
         x = self.token_embed(tokens) + self.pos_embed[:t]
-        h = self.decoder(x, memory)
+        bias = None
+        if self.cfg.box_attention and t > 4:
+            at = torch.arange(4, t, 5, device=tokens.device)  # inputs = xmax: the next target is a class
+            boxes = torch.stack([tokens[:, at - 3 + j] for j in range(4)], dim=-1)  # (B, K, 4)
+            bias = memory.new_zeros(tokens.shape[0], t, memory.shape[1], dtype=torch.float32)
+            bias[:, at] = self.box_attention_bias(boxes, memory.shape[1])
+        h = self.decoder(x, memory, bias)
         if last_only:
             h = h[:, -1]
         return self.logits(h)
@@ -159,8 +169,33 @@ class Pix2Seq(nn.Module):
 
     def decode_step(self, tokens: Tensor, cache: StepCache) -> Tensor:
         """``tokens (B,)`` at position ``cache.pos`` -> next-token logits ``(B, V)``; advances the cache."""
-        x = F.embedding(tokens, self.token_embed.weight) + self.pos_embed[cache.pos]
-        return self.logits(decoder_step(x, cache))
+        t = cache.pos
+        x = F.embedding(tokens, self.token_embed.weight) + self.pos_embed[t]
+        if t < cache.max_len:
+            cache.tokens[:, t] = tokens
+        bias = None
+        if self.cfg.box_attention and t % 5 == 4:
+            bias = self.box_attention_bias(cache.tokens[:, t - 3 : t + 1], cache.memory.shape[1])
+        return self.logits(decoder_step(x, cache, bias))
+
+    def box_attention_bias(self, boxes: Tensor, memory_len: int) -> Tensor:
+        """``(..., 4)`` coordinate tokens ``ymin, xmin, ymax, xmax`` -> ``(..., S)`` cross-attention
+        logit bias over a square grid of ``S`` feature cells: ``-d^2 / 2``, ``d`` the distance of a
+        cell's centre from the box centre in half box sizes (at least half a cell)."""
+        side = math.isqrt(memory_len)
+        if side * side != memory_len:
+            raise ValueError(f"model.box_attention needs a square feature grid, got {memory_len} cells")
+        start, end = self.coord_tokens
+        v = (boxes - start).clamp(0, end - start - 1).float() / (end - start - 1)  # [0, 1] of the canvas
+        centre = (torch.arange(side, device=v.device, dtype=v.dtype) + 0.5) / side  # (side,)
+        half_cell = 0.5 / side
+
+        def scaled(lo: Tensor, hi: Tensor) -> Tensor:  # (..., side)
+            mid, half = (lo + hi) / 2, ((hi - lo).abs() / 2).clamp_min(half_cell)
+            return (centre - mid[..., None]) / half[..., None]
+
+        dy, dx = scaled(v[..., 0], v[..., 2]), scaled(v[..., 1], v[..., 3])
+        return -0.5 * (dy[..., :, None] ** 2 + dx[..., None, :] ** 2).flatten(-2)
 
 
 def _projection_dtype(x: Tensor, weight: Tensor) -> torch.dtype:

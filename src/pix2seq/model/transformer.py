@@ -39,16 +39,27 @@ def use_sdpa(impl: str, x: Tensor) -> bool:
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, impl: str = "auto", causal: bool = False, mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    impl: str = "auto",
+    causal: bool = False,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """``q (B,H,Tq,Dh)``, ``k, v (B,H,Tk,Dh)`` -> ``(B,H,Tq,Dh)``.
 
     ``causal`` (``Tq == Tk``): position i attends to ``[0, i]``. The math path can be handed the
     bool ``mask`` (``(Tq, Tk)``, True = blocked, see :func:`causal_mask`) to build it once per stack.
+    ``bias``: added to the attention logits, broadcast to ``(B,H,Tq,Tk)`` (not with ``causal``).
     """
+    if bias is not None and causal:
+        raise ValueError("attention: bias and causal together are not supported")
     if use_sdpa(impl, q):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
     scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
+    if bias is not None:
+        scores = scores + bias
     if causal:
         if mask is None:
             mask = causal_mask(q.shape[-2], q.device)
@@ -134,11 +145,12 @@ class CrossAttention(nn.Module):
         kv = kv.permute(2, 0, 3, 1, 4)
         return kv[0], kv[1]
 
-    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``x (B, T, D)``, ``memory (B, S, D)``; ``bias (B, T, S)`` added to every head's logits."""
         b, t, d = x.shape
         q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.project_kv(memory)
-        out = attention(q, k, v, self.impl)
+        out = attention(q, k, v, self.impl, bias=None if bias is None else bias[:, None].to(q.dtype))
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
 
@@ -200,10 +212,13 @@ class DecoderLayer(_Residual):
         self.mlp = MLP(d_model, mlp_dim, dropout)
         self._init_regularisers(dropout, drop_path)
 
-    def forward(self, x: Tensor, memory: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Causal over ``x (B, T, D)``; ``mask`` optionally precomputed by :func:`causal_mask`."""
+    def forward(
+        self, x: Tensor, memory: Tensor, mask: Tensor | None = None, cross_bias: Tensor | None = None
+    ) -> Tensor:
+        """Causal over ``x (B, T, D)``; ``mask`` optionally precomputed by :func:`causal_mask`;
+        ``cross_bias (B, T, S)``: added to the cross-attention logits."""
         x = x + self._branch(self.self_attn(self.norm1(x), True, mask))
-        x = x + self._branch(self.cross_attn(self.norm2(x), memory))
+        x = x + self._branch(self.cross_attn(self.norm2(x), memory, cross_bias))
         return x + self._branch(self.mlp(self.norm3(x)))
 
 
@@ -252,10 +267,10 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.impl = impl
 
-    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor, cross_bias: Tensor | None = None) -> Tensor:
         mask = None if use_sdpa(self.impl, x) else causal_mask(x.shape[1], x.device)
         for layer in self.layers:
-            x = layer(x, memory, mask)
+            x = layer(x, memory, mask, cross_bias)
         return self.norm(x)
 
 
@@ -324,6 +339,7 @@ class StepCache:
             self.k_read = [self.k[i].view(b * h, dh, max_len) for i in range(len(layers))]
             self.v_read = [self.v[i].view(b * h, max_len, dh) for i in range(len(layers))]
         self.v_write = [self.v[i] for i in range(len(layers))]  # (B, H, Tmax, Dh): select(2, t)
+        self.tokens = torch.zeros((b, max_len), dtype=torch.long, device=dev)  # the inputs so far
 
     def project_memory(
         self, memory: Tensor, w: Tensor, bias: Tensor, repeat: int = 1
@@ -356,11 +372,14 @@ class StepCache:
         for buf, dim in ((self.k, 3 if self.sdpa else 4), (self.v, 3)):
             hist = buf.narrow(dim, 0, n)
             hist.copy_(hist.index_select(1, index))
+        hist = self.tokens.narrow(1, 0, n)
+        hist.copy_(hist.index_select(0, index))
 
 
-def decoder_step(x: Tensor, cache: StepCache) -> Tensor:
+def decoder_step(x: Tensor, cache: StepCache, cross_bias: Tensor | None = None) -> Tensor:
     """The decoder stack for one position: ``x (B, D)`` embedded input at ``cache.pos`` -> ``(B, D)``
-    after the final LayerNorm. Inference only (no dropout); advances ``cache.pos``."""
+    after the final LayerNorm. Inference only (no dropout); advances ``cache.pos``.
+    ``cross_bias (B, S)``: added to every head's cross-attention logits."""
     t = cache.pos
     if t >= cache.max_len:
         raise ValueError(f"the cache holds {cache.max_len} positions; position {t} is past its end")
@@ -368,6 +387,7 @@ def decoder_step(x: Tensor, cache: StepCache) -> Tensor:
     h, dh, eps = cache.heads, cache.head_dim, cache.eps
     bh, n, shape, scale = b * h, t + 1, (d,), dh**-0.5
     sdpa, memory = cache.sdpa, cache.memory
+    bias = None if cross_bias is None else cross_bias[:, None, None, :]  # (B, 1, 1, S)
     layers = zip(
         cache.weights, cache.k_write, cache.v_write, cache.k_read, cache.v_read, cache.cross, strict=True
     )
@@ -390,10 +410,14 @@ def decoder_step(x: Tensor, cache: StepCache) -> Tensor:
         y = F.layer_norm(x, shape, n2w, n2b, eps)
         ck, cv = cross if cross is not None else cache.project_memory(memory, ckv_w, ckv_b)
         q = F.linear(y, cq_w, cq_b)
+        qb = None if bias is None else bias.to(q.dtype)  # the autocast dtype under autocast
         if sdpa:
-            o = F.scaled_dot_product_attention(q.view(b, h, 1, dh), ck, cv)
+            o = F.scaled_dot_product_attention(q.view(b, h, 1, dh), ck, cv, attn_mask=qb)
         else:
-            o = torch.bmm(torch.bmm((q * scale).view(bh, 1, dh), ck).softmax(-1), cv)
+            s = torch.bmm((q * scale).view(bh, 1, dh), ck)
+            if qb is not None:
+                s = (s.view(b, h, 1, -1) + qb).view(bh, 1, -1)
+            o = torch.bmm(s.softmax(-1), cv)
         x = x + F.linear(o.reshape(b, d), co_w, co_b)
         # MLP
         y = F.layer_norm(x, shape, n3w, n3b, eps)
