@@ -7,6 +7,8 @@
       -> bridge: linear + LayerNorm, + visual positions, + residual MLP         = memory (B, S, D)
     tokens -> shared token embedding + learned 1-D positions -> pre-LN decoder (causal self-attn,
       cross-attn to memory, MLP) -> LayerNorm -> logits = h @ E^T + output bias      (B, T, V)
+    model.box_attention (not in the paper): cross-attention logits at class positions
+      + a Gaussian log-prior around the box named by the 4 coordinate tokens before them
 
 Incremental decoding (used by :mod:`pix2seq.decoding`)::
 
