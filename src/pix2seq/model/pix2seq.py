@@ -141,9 +141,11 @@ class Pix2Seq(nn.Module):
         bias = None
         if self.cfg.box_attention and t > 4:
             at = torch.arange(4, t, 5, device=tokens.device)  # inputs = xmax: the next target is a class
-            boxes = torch.stack([tokens[:, at - 3 + j] for j in range(4)], dim=-1)  # (B, K, 4)
-            bias = memory.new_zeros(tokens.shape[0], t, memory.shape[1], dtype=torch.float32)
-            bias[:, at] = self.box_attention_bias(boxes, memory.shape[1])
+            boxes = tokens[:, at[:, None] + torch.arange(-3, 1, device=tokens.device)]  # (B, K, 4)
+            # built once in the projections' dtype, so no layer has to cast it
+            dtype = _projection_dtype(memory, self.token_embed.weight)
+            bias = memory.new_zeros(tokens.shape[0], t, memory.shape[1], dtype=dtype)
+            bias[:, at] = self.box_attention_bias(boxes, memory.shape[1]).to(dtype)
         h = self.decoder(x, memory, bias)
         if last_only:
             h = h[:, -1]

@@ -387,7 +387,8 @@ def decoder_step(x: Tensor, cache: StepCache, cross_bias: Tensor | None = None) 
     h, dh, eps = cache.heads, cache.head_dim, cache.eps
     bh, n, shape, scale = b * h, t + 1, (d,), dh**-0.5
     sdpa, memory = cache.sdpa, cache.memory
-    bias = None if cross_bias is None else cross_bias[:, None, None, :]  # (B, 1, 1, S)
+    # (B, 1, 1, S) in the cache's (= the projections') dtype, cast once for all layers
+    bias = None if cross_bias is None else cross_bias[:, None, None, :].to(cache.k.dtype)
     layers = zip(
         cache.weights, cache.k_write, cache.v_write, cache.k_read, cache.v_read, cache.cross, strict=True
     )
@@ -410,13 +411,12 @@ def decoder_step(x: Tensor, cache: StepCache, cross_bias: Tensor | None = None) 
         y = F.layer_norm(x, shape, n2w, n2b, eps)
         ck, cv = cross if cross is not None else cache.project_memory(memory, ckv_w, ckv_b)
         q = F.linear(y, cq_w, cq_b)
-        qb = None if bias is None else bias.to(q.dtype)  # the autocast dtype under autocast
         if sdpa:
-            o = F.scaled_dot_product_attention(q.view(b, h, 1, dh), ck, cv, attn_mask=qb)
+            o = F.scaled_dot_product_attention(q.view(b, h, 1, dh), ck, cv, attn_mask=bias)
         else:
             s = torch.bmm((q * scale).view(bh, 1, dh), ck)
-            if qb is not None:
-                s = (s.view(b, h, 1, -1) + qb).view(bh, 1, -1)
+            if bias is not None:
+                s = (s.view(b, h, 1, -1) + bias).view(bh, 1, -1)
             o = torch.bmm(s.softmax(-1), cv)
         x = x + F.linear(o.reshape(b, d), co_w, co_b)
         # MLP
