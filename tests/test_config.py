@@ -34,6 +34,7 @@ def test_defaults_validate():
         ({"model": {"pos_temperature": 1.0}}, "model.pos_temperature"),
         ({"model": {"coord_init": "learned"}}, "model.coord_init"),
         ({"tokenizer": {"class_weight": -1}}, "tokenizer.class_weight"),
+        ({"eval": {"coord_window": 1.5}}, "eval.coord_window"),
     ],
 )
 def test_bad_values_name_the_key(values, key):

@@ -87,6 +87,7 @@ def _varied(tokens: torch.Tensor, vocab: Vocab) -> None:
 def _assert_same(a: GenerationOutput, b: GenerationOutput) -> None:
     assert torch.equal(a.tokens, b.tokens)
     torch.testing.assert_close(a.class_probs, b.class_probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.coords, b.coords, atol=1e-4, rtol=1e-4)
 
 
 def test_shapes_and_dtypes(model_vocab, imgs):
@@ -95,8 +96,12 @@ def test_shapes_and_dtypes(model_vocab, imgs):
     assert out.tokens.shape == (3, 5 * N) and out.tokens.dtype == torch.long
     assert out.class_probs.shape == (3, N, NUM_CLASSES) and out.class_probs.dtype == torch.float32
     assert (out.class_probs >= 0).all() and (out.class_probs.sum(-1) <= 1 + 1e-5).all()
+    assert out.coords.shape == (3, N, 4) and out.coords.dtype == torch.float32
     empty = generate(model, imgs, vocab, 0)
     assert empty.tokens.shape == (3, 0) and empty.class_probs.shape == (3, 0, NUM_CLASSES)
+    assert empty.coords.shape == (3, 0, 4)
+    with pytest.raises(ValueError, match="coord_window"):
+        generate(model, imgs, vocab, N, coord_window=1.5)
     with pytest.raises(ValueError):
         generate(model, imgs, vocab, N + 1)  # past max_seq_len
     with pytest.raises(ValueError):
@@ -109,7 +114,7 @@ def test_caches_agree(model_vocab, imgs, method, box_attention):
     # model.box_attention reads the last four input tokens: the cache keeps (and reorders) them
     model, vocab = _make(box_attention=True) if box_attention else model_vocab
     outs = {
-        c: generate(model, imgs, vocab, N, method=method, beam_size=3, cache=c)
+        c: generate(model, imgs, vocab, N, method=method, beam_size=3, cache=c, coord_window=0.2)
         for c in ("none", "self", "full")
     }
     _varied(outs["none"].tokens, vocab)
@@ -143,6 +148,42 @@ def _sequence_logprob(model, imgs, vocab, tokens):
         bias = torch.stack([class_bias if i % 5 == 4 else coord_bias for i in range(tokens.shape[1])])
         logp = (logits + bias).log_softmax(-1)
     return logp.gather(2, tokens.unsqueeze(2)).squeeze(2).sum(1)
+
+
+def _teacher_forced_logits(model, imgs, vocab, tokens):
+    """Constrained float32 logits ``(B, L, V)`` at every generated position (full decode)."""
+    from pix2seq.decoding import _position_biases
+
+    coord_bias, class_bias = _position_biases(vocab, imgs.device)
+    with torch.no_grad():
+        prefix = torch.cat([torch.ones_like(tokens[:, :1]), tokens[:, :-1]], 1)
+        logits = model(imgs, prefix).float()
+    return logits + torch.stack([class_bias if i % 5 == 4 else coord_bias for i in range(tokens.shape[1])])
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_coordinate_readout(model_vocab, imgs, method):
+    """coord_window 0 reads the tokens' bins; w > 0 the mean bin within w * (bins - 1) of the token,
+    under the distribution the decoder had at that position (recomputed here teacher-forced)."""
+    model, vocab = model_vocab
+    plain = generate(model, imgs, vocab, N, method=method, beam_size=3)
+    groups = plain.tokens.view(3, N, 5)
+    assert torch.equal(plain.coords, (groups[..., :4] - vocab.coord_start).float())
+
+    window = 0.25
+    out = generate(model, imgs, vocab, N, method=method, beam_size=3, coord_window=window)
+    assert torch.equal(out.tokens, plain.tokens)  # the readout never changes what is generated
+    coord_logits = _teacher_forced_logits(model, imgs, vocab, out.tokens)
+    coord_logits = coord_logits.view(3, N, 5, -1)[:, :, :4, vocab.coord_start : vocab.coord_end]
+    p = coord_logits.softmax(-1)  # (3, N, 4, bins)
+    bins = torch.arange(BINS, dtype=torch.float32)
+    token_bin = plain.coords.unsqueeze(-1)
+    p = p * ((bins - token_bin).abs() <= round(window * (BINS - 1)))
+    expected = (p * bins).sum(-1) / p.sum(-1)
+    torch.testing.assert_close(out.coords, expected, atol=1e-4, rtol=1e-4)
+    moved = (out.coords - plain.coords).abs()
+    assert (moved > 0.05).float().mean() > 0.5  # not vacuous: the readout moves most coordinates
+    assert (moved <= round(window * (BINS - 1))).all()
 
 
 def test_beam_search_finds_likely_sequences(model_vocab, imgs):

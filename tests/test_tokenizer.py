@@ -199,6 +199,22 @@ def test_tokens_to_detections_maps_back_to_original_pixels():
     assert det["boxes"].tolist() == [[0.0, 0.0, 100.0, 200.0]]
 
 
+def test_tokens_to_detections_reads_fractional_coordinates():
+    """``coords`` (the decoder's readout, in bins) replaces the tokens' own bins: sub-bin boxes."""
+    v = Vocab(num_classes=3, bins=11)  # bin i <-> i / 10 of the canvas
+    tokens = torch.tensor(
+        [[v.coord_start + 1, v.coord_start + 2, v.coord_start + 5, v.coord_start + 6, v.class_start]]
+    )
+    probs = torch.tensor([[[0.9, 0.05, 0.05]]])
+    args = (v, 100, torch.tensor([1.0]), torch.tensor([[100, 100]]))
+    torch.testing.assert_close(
+        tokens_to_detections(tokens, probs, *args)[0]["boxes"], torch.tensor([[20.0, 10.0, 60.0, 50.0]])
+    )
+    coords = torch.tensor([[[1.25, 2.5, 4.75, 6.0]]])  # ymin, xmin, ymax, xmax
+    det = tokens_to_detections(tokens, probs, *args, coords=coords)[0]
+    torch.testing.assert_close(det["boxes"], torch.tensor([[25.0, 12.5, 60.0, 47.5]]))
+
+
 def test_raster_and_area_orders():
     v = Vocab(num_classes=5, bins=256)
     boxes, labels = _boxes(6)

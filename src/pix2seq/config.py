@@ -169,6 +169,9 @@ class EvalConfig:
     temperature: float = 1.0
     beam_size: int = 4
     constrained: bool = True
+    # coordinate readout: 0 = the generated token's bin (the paper); w > 0 = the expected bin within
+    # w * (bins - 1) of it (not in the paper; see pix2seq.decoding)
+    coord_window: float = 0.0
     backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
     num_vis: int = 16  # images in the prediction grid
     output_dir: str = "reports/eval"
@@ -489,6 +492,7 @@ def validate(cfg: Config) -> None:
     _check(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
     _check(e.temperature > 0, "eval.temperature", "must be positive")
     _check(e.beam_size >= 1, "eval.beam_size", "must be >= 1")
+    _check(0.0 <= e.coord_window <= 1.0, "eval.coord_window", "must be in [0, 1]")
 
     _check(0 < tu.lr_min <= tu.lr_max, "tune.lr_min", "need 0 < lr_min <= lr_max")
     _check(1 <= tu.repeat_min <= tu.repeat_max, "tune.repeat_min", "need 1 <= repeat_min <= repeat_max")

@@ -225,6 +225,7 @@ def predict_batches(
             temperature=ecfg.temperature,
             beam_size=ecfg.beam_size,
             constrained=ecfg.constrained,
+            coord_window=ecfg.coord_window,
             autocast_dtype=amp,
         )
         dets = tokens_to_detections(
@@ -234,6 +235,7 @@ def predict_batches(
             images.shape[-1],
             batch["scale"],
             batch["orig_size"],
+            coords=out.coords.cpu(),
         )
         ids = [int(i) for i in batch["image_id"]]
         results.extend(detections_to_coco(ids, dets, label_to_category))

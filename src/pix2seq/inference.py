@@ -153,10 +153,17 @@ class Predictor:
                 temperature=ecfg.temperature,
                 beam_size=ecfg.beam_size,
                 constrained=ecfg.constrained,
+                coord_window=ecfg.coord_window,
                 autocast_dtype=autocast_dtype(self.cfg.train.amp, self.device, decoding=True),
             )
             dets = tokens_to_detections(
-                gen.tokens.cpu(), gen.class_probs.float().cpu(), self.vocab, self.canvas, scale, orig
+                gen.tokens.cpu(),
+                gen.class_probs.float().cpu(),
+                self.vocab,
+                self.canvas,
+                scale,
+                orig,
+                coords=gen.coords.cpu(),
             )
             for d in dets:
                 keep = d["scores"] >= score_threshold

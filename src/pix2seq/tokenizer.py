@@ -234,6 +234,7 @@ def tokens_to_detections(
     canvas_size: int,
     scale: Tensor,
     orig_size: Tensor,
+    coords: Tensor | None = None,
 ) -> list[dict[str, Tensor]]:
     """Generated tokens -> per-image detections in original image pixels (spec section 5).
 
@@ -243,6 +244,8 @@ def tokens_to_detections(
         canvas_size: side S of the padded square canvas.
         scale: (B,) canvas pixels per original pixel.
         orig_size: (B, 2) original (height, width).
+        coords: (B, M, 4) ymin, xmin, ymax, xmax in (fractional) bins, read out by the decoder
+            (``GenerationOutput.coords``); None reads the coordinate tokens' own bins.
     Returns:
         B dicts with ``boxes`` (M, 4) xyxy, ``labels`` (M,) and ``scores`` (M,); every object is kept,
         ranked by score (NOISE predictions become low-scoring real classes).
@@ -250,7 +253,11 @@ def tokens_to_detections(
     B, L = tokens.shape
     M = L // TOKENS_PER_OBJECT
     groups = tokens[:, : M * TOKENS_PER_OBJECT].reshape(B, M, TOKENS_PER_OBJECT)
-    yxyx = vocab.dequantize(groups[..., :4]) * canvas_size  # (B, M, 4) canvas pixels
+    if coords is None:
+        yxyx = vocab.dequantize(groups[..., :4])
+    else:
+        yxyx = coords[:, :M].float() / (vocab.bins - 1)
+    yxyx = yxyx * canvas_size  # (B, M, 4) canvas pixels
     boxes = yxyx[..., [1, 0, 3, 2]] / scale.reshape(B, 1, 1).to(yxyx)
     scores, labels = class_probs.float().max(dim=-1)  # (B, M)
     out = []
