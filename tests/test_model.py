@@ -360,6 +360,45 @@ def test_zero_weight_tokens_do_not_affect_the_loss():
     assert crit(logits, targets, torch.zeros(2, 6)).item() == 0.0
 
 
+def test_soft_coordinate_targets():
+    """tokenizer.coord_sigma: coordinate targets become a Gaussian over the bins; other tokens keep
+    their one-hot cross-entropy; a vanishing sigma is the one-hot loss."""
+    torch.manual_seed(0)
+    start, end = 4, 14  # 10 coordinate bins in a vocabulary of 16
+    logits = torch.randn(2, 6, 16)
+    targets = torch.tensor([[5, 9, 13, 2, 0, 15], [4, 7, 1, 10, 3, 8]])
+    weights = torch.rand(2, 6)
+    hard = SequenceLoss()(logits, targets, weights)
+    torch.testing.assert_close(
+        SequenceLoss(coord_sigma=1e-3, coord_tokens=(start, end))(logits, targets, weights), hard
+    )
+    sigma = 1.5
+    logp = logits.log_softmax(-1)
+    bins = torch.arange(end - start, dtype=torch.float32)
+    manual = torch.empty(2, 6)
+    for b in range(2):
+        for t in range(6):
+            y = int(targets[b, t])
+            if start <= y < end:
+                q = torch.exp(-0.5 * ((bins - (y - start)) / sigma) ** 2)
+                manual[b, t] = -(q / q.sum() * logp[b, t, start:end]).sum()
+            else:
+                manual[b, t] = -logp[b, t, y]
+    expected = (manual * weights).sum() / weights.sum()
+    soft = SequenceLoss(coord_sigma=sigma, coord_tokens=(start, end))(logits, targets, weights)
+    torch.testing.assert_close(soft, expected)
+    assert soft > hard - 1.0 and not torch.isclose(soft, hard)  # not vacuous
+    _, crit, vocab = tiny_model()
+    assert crit.kernel.numel() == 0  # the paper's one-hot by default
+    cfg = tiny_cfg()
+    cfg.tokenizer.coord_sigma = 1.0
+    _, crit = build_model(cfg, vocab)
+    assert crit.kernel.shape == (vocab.bins, vocab.bins)
+    assert crit.coord_tokens == (vocab.coord_start, vocab.coord_end)
+    with pytest.raises(ValueError, match="coord_tokens"):
+        SequenceLoss(coord_sigma=1.0)
+
+
 def test_loss_is_float32_under_bf16_autocast():
     m, crit, vocab = tiny_model()
     img, tok = images(2), tokens(2, vocab)

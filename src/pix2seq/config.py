@@ -103,6 +103,9 @@ class TokenizerConfig:
     class_corruption: bool = True  # input class tokens -> random class / NOISE
     input_dropout: float = 0.0  # probability of replacing an input token by a random one of its type
     jitter_std: float = 0.05  # duplicates: truncated-normal jitter, fraction of box size
+    # coordinate targets: 0 = one-hot (the paper); s > 0 = a Gaussian over the bins with std s bins
+    # around the true bin (not in the paper; neighbouring bins earn partial credit)
+    coord_sigma: float = 0.0
 
 
 @dataclass
@@ -448,7 +451,14 @@ def validate(cfg: Config) -> None:
     _check(t.bins >= 2, "tokenizer.bins", f"must be >= 2, got {t.bins}")
     _check(t.max_instances >= 1, "tokenizer.max_instances", "must be >= 1")
     _check(0.0 <= t.input_dropout < 1.0, "tokenizer.input_dropout", "must be in [0, 1)")
-    for k in ("noise_coord_weight", "noise_class_weight", "class_weight", "eos_weight", "jitter_std"):
+    for k in (
+        "noise_coord_weight",
+        "noise_class_weight",
+        "class_weight",
+        "eos_weight",
+        "jitter_std",
+        "coord_sigma",
+    ):
         _check(getattr(t, k) >= 0, f"tokenizer.{k}", "must be >= 0")
     if t.vocab_size and cfg.data.source == "generated":
         need = num_specials() + g.num_classes + t.bins

@@ -20,7 +20,8 @@ def build_model(cfg: Config, vocab: Vocab) -> tuple[Pix2Seq, SequenceLoss]:
     model = Pix2Seq(
         cfg.model, vocab.vocab_size, max_seq_len(cfg), coord_tokens=(vocab.coord_start, vocab.coord_end)
     )
-    return model, SequenceLoss()
+    coord_tokens = (vocab.coord_start, vocab.coord_end)
+    return model, SequenceLoss(coord_sigma=cfg.tokenizer.coord_sigma, coord_tokens=coord_tokens)
 
 
 __all__ = ["Backbone", "Pix2Seq", "SequenceLoss", "StepCache", "build_model", "max_seq_len"]
