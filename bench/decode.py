@@ -321,7 +321,7 @@ def bench_batch(model, vocab, images, args, amp, fp32: bool) -> dict:
     ok = True
     for key, mode, out, prefix in outs:
         if prefix is not None:  # a capped recompute: its decoded prefix
-            out = GenerationOutput(out["prefix"], ref.class_probs[:, :0])
+            out = GenerationOutput(out["prefix"], ref.class_probs[:, :0], ref.coords[:, :0])
         same, why = _same(ref, out, prefix, fp32)
         name = f"{key}/{mode}"
         if name not in checks or not same:

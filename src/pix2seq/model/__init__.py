@@ -17,10 +17,8 @@ def max_seq_len(cfg: Config) -> int:
 
 def build_model(cfg: Config, vocab: Vocab) -> tuple[Pix2Seq, SequenceLoss]:
     """``(model, criterion)`` for ``cfg.model`` over ``vocab``'s token ids."""
-    model = Pix2Seq(
-        cfg.model, vocab.vocab_size, max_seq_len(cfg), coord_tokens=(vocab.coord_start, vocab.coord_end)
-    )
     coord_tokens = (vocab.coord_start, vocab.coord_end)
+    model = Pix2Seq(cfg.model, vocab.vocab_size, max_seq_len(cfg), coord_tokens=coord_tokens)
     return model, SequenceLoss(coord_sigma=cfg.tokenizer.coord_sigma, coord_tokens=coord_tokens)
 
 
