@@ -23,18 +23,15 @@ from pathlib import Path
 
 import torch
 
-from pix2seq.checkpoint import load_checkpoint
 from pix2seq.config import atomic_write_text, load_config
 from pix2seq.data.download import run_download
 from pix2seq.data.loaders import load_detection_data
 from pix2seq.data.prepare import run_prepare
 from pix2seq.engine import predict_batches
 from pix2seq.evaluation.coco import coco_evaluate
-from pix2seq.evaluation.report import model_config
+from pix2seq.evaluation.report import load_trained_model
 from pix2seq.launch import relaunch_under_torchrun
-from pix2seq.model import build_model
 from pix2seq.training import TrainHooks, run_training
-from pix2seq.vocab import Vocab
 
 
 def read_curve(plots: Path, name: str) -> dict[int, float]:
@@ -46,12 +43,8 @@ def read_curve(plots: Path, name: str) -> dict[int, float]:
 def token_readout_metrics(cfg) -> dict[str, float]:
     """AP of the exported model with the paper's coordinate readout (each token's own bin), so the
     report shows what ``eval.coord_window`` adds. Rank 0 alone: no collectives."""
-    ckpt = load_checkpoint(Path(cfg.train.output_dir) / "model.pt", map_location="cpu")
-    mcfg = model_config(cfg, ckpt["config"])
+    model, vocab, mcfg, _ = load_trained_model(cfg, Path(cfg.train.output_dir) / "model.pt")
     mcfg.eval.coord_window = 0.0
-    vocab = Vocab(**ckpt["vocab"])
-    model, _ = build_model(mcfg, vocab)
-    model.load_state_dict(ckpt["model"])
     data = load_detection_data(mcfg)
     results, ids, _ = predict_batches(
         model, data.val_loader(), vocab, mcfg, torch.device("cpu"), data.label_to_category

@@ -121,7 +121,7 @@ def generate(
             if length == 0:
                 tokens = torch.zeros(b, 0, dtype=torch.long, device=device)
                 class_probs = torch.zeros(b, 0, num_classes, device=device)
-                coords = torch.zeros(b, 0, 4, device=device)
+                coords = None
             elif method == "beam":
                 tokens, class_probs, coords = _beam(
                     model, memory, vocab, length, beam_size, cache, biases, readout
@@ -140,6 +140,8 @@ def generate(
                     generator,
                     readout,
                 )
+            if coords is None:
+                coords = readout.from_tokens(tokens)
         # ordinary tensors (not inference tensors): callers may modify them in place
         return GenerationOutput(tokens.clone(), class_probs.clone(), coords.clone())
     finally:
@@ -190,11 +192,18 @@ class _CoordReadout:
         self.start, self.bins, self.window = vocab.coord_start, vocab.bins, window
         self.grid = torch.arange(vocab.bins, device=device, dtype=torch.float32)  # (nb,)
 
+    def bins_of(self, tokens: Tensor) -> Tensor:
+        """Coordinate tokens -> their own bins, float32 (the paper's readout)."""
+        return (tokens - self.start).clamp(0, self.bins - 1).float()
+
+    def from_tokens(self, tokens: Tensor) -> Tensor:
+        """``(B, 5M)`` generated tokens -> ``(B, M, 4)`` their coordinate bins (window 0)."""
+        return self.bins_of(tokens.view(tokens.shape[0], -1, 5)[..., :4])
+
     def __call__(self, logits: Tensor, chosen: Tensor) -> Tensor:
-        """``logits (R, V)`` float32 and the chosen tokens ``(R,)`` -> bins ``(R,)`` float32."""
-        q = (chosen - self.start).clamp(0, self.bins - 1).float()
-        if self.window == 0:
-            return q
+        """``logits (R, V)`` float32 and the chosen tokens ``(R,)`` -> bins ``(R,)`` float32 (window > 0;
+        with window 0 the loops skip it and :meth:`from_tokens` reads the bins once at the end)."""
+        q = self.bins_of(chosen)
         # softmax restricted to the coordinate range equals the full one renormalised in the window
         p = logits[:, self.start : self.start + self.bins].softmax(-1)  # (R, nb)
         p = p * ((self.grid - q.unsqueeze(1)).abs() <= self.window)
@@ -214,7 +223,7 @@ def _sequential(model, memory, vocab, length, method, top_p, temperature, cache,
     cs, ce = vocab.class_start, vocab.class_end
     seq = torch.full((b, length + 1), PROMPT, dtype=torch.long, device=device)
     class_probs = torch.zeros(b, length // 5, ce - cs, device=device)
-    coords = torch.zeros(b, length // 5, 4, device=device)
+    coords = torch.zeros(b, length // 5, 4, device=device) if readout.window else None
     step = _Stepper(model, memory, length, cache)
     for t in range(length):
         logits = step(seq, t)
@@ -230,7 +239,7 @@ def _sequential(model, memory, vocab, length, method, top_p, temperature, cache,
         else:
             nxt = _nucleus(logits, top_p, temperature, generator)
         seq.select(1, t + 1).copy_(nxt)
-        if not is_class:
+        if coords is not None and not is_class:
             coords[:, t // 5, t % 5] = readout(logits, nxt)
     return seq[:, 1:].contiguous(), class_probs, coords
 
@@ -256,7 +265,7 @@ def _beam(model, memory, vocab, length, k, cache, biases, readout):
     rows = b * k
     seq = torch.full((rows, length + 1), PROMPT, dtype=torch.long, device=device)
     class_probs = torch.zeros(rows, length // 5, ce - cs, device=device)
-    coords = torch.zeros(rows, length // 5, 4, device=device)
+    coords = torch.zeros(rows, length // 5, 4, device=device) if readout.window else None
     # all beams start identical: only the first one may expand at step 0
     scores = torch.full((b, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
@@ -276,15 +285,16 @@ def _beam(model, memory, vocab, length, k, cache, biases, readout):
         seq = seq.index_select(0, parent)
         seq.select(1, t + 1).copy_((idx % v).view(rows))
         class_probs = class_probs.index_select(0, parent)
-        coords = coords.index_select(0, parent)
         if is_class:
             class_probs[:, t // 5] = logits.softmax(-1)[:, cs:ce].index_select(0, parent)
-        else:
-            coords[:, t // 5, t % 5] = readout(logits.index_select(0, parent), seq[:, t + 1])
+        if coords is not None:
+            coords = coords.index_select(0, parent)
+            if not is_class:
+                coords[:, t // 5, t % 5] = readout(logits.index_select(0, parent), seq[:, t + 1])
         scores = top.view(rows)
         step.reorder(parent)
     best = scores.view(b, k).argmax(1) + base.squeeze(1)
-    return seq[best, 1:].contiguous(), class_probs[best], coords[best]
+    return seq[best, 1:].contiguous(), class_probs[best], None if coords is None else coords[best]
 
 
 __all__ = ["CACHES", "METHODS", "GenerationOutput", "generate"]

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from pix2seq import distributed as dist
 from pix2seq.checkpoint import CheckpointManager, load_checkpoint
 from pix2seq.config import Config, atomic_write_text, config_from_dict
@@ -43,6 +45,17 @@ def model_config(cfg: Config, stored: dict[str, Any]) -> Config:
     return config_from_dict(merged)
 
 
+def load_trained_model(cfg: Config, path: Path) -> tuple[nn.Module, Vocab, Config, dict[str, Any]]:
+    """``(model, vocab, config, checkpoint)``: the checkpoint's network on the CPU, its vocabulary,
+    and its model/tokenizer config with ``cfg``'s data and evaluation settings (:func:`model_config`)."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    mcfg = model_config(cfg, ckpt["config"])
+    vocab = Vocab(**ckpt["vocab"])
+    model, _ = build_model(mcfg, vocab)
+    model.load_state_dict(ckpt["model"])
+    return model, vocab, mcfg, ckpt
+
+
 def run_evaluation(cfg: Config) -> dict[str, float]:
     info = dist.init_distributed()
     path = checkpoint_for(cfg)
@@ -50,11 +63,7 @@ def run_evaluation(cfg: Config) -> dict[str, float]:
         raise FileNotFoundError(
             f"{path}: no checkpoint to evaluate; train first (dvc repro train) or set eval.checkpoint"
         )
-    ckpt = load_checkpoint(path, map_location="cpu")
-    mcfg = model_config(cfg, ckpt["config"])
-    vocab = Vocab(**ckpt["vocab"])
-    model, _ = build_model(mcfg, vocab)
-    model.load_state_dict(ckpt["model"])
+    model, vocab, mcfg, ckpt = load_trained_model(cfg, path)
     model.to(info.device)
     data = load_detection_data(mcfg, distributed=info.world_size > 1)
     if data.num_classes != vocab.num_classes:
