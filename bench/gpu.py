@@ -106,7 +106,7 @@ def synthetic_batch(cfg, vocab, batch: int, device, channels_last: bool, seed: i
     g = torch.Generator().manual_seed(seed)
     s, t = cfg.data.image_size, 5 * cfg.tokenizer.max_instances + 1
     images = synthetic_images(batch, s, seed)
-    tokens = torch.randint(vocab.class_start, vocab.coord_end, (batch, t + 1), generator=g)
+    tokens = torch.randint(vocab.class_token_ids[0], vocab.coord_end, (batch, t + 1), generator=g)
     out = {
         "image": images,
         "input_tokens": tokens[:, :-1].clone(),

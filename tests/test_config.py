@@ -35,6 +35,11 @@ def test_defaults_validate():
         ({"model": {"coord_init": "learned"}}, "model.coord_init"),
         ({"tokenizer": {"class_weight": -1}}, "tokenizer.class_weight"),
         ({"eval": {"coord_window": 1.5}}, "eval.coord_window"),
+        ({"tokenizer": {"vocab": "tf"}}, "tokenizer.vocab"),
+        ({"model": {"pixels": "raw"}}, "model.pixels"),
+        ({"model": {"stem_pool": "avg"}}, "model.stem_pool"),
+        ({"model": {"ln_eps": 0}}, "model.ln_eps"),
+        ({"model": {"max_seq_len": 500}}, "model.max_seq_len"),  # 100 objects need 501
     ],
 )
 def test_bad_values_name_the_key(values, key):

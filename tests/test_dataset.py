@@ -21,10 +21,12 @@ from pix2seq.data.dataset import (
 from pix2seq.data.prepare import prepare_dataset
 from pix2seq.data.sampler import RepeatSampler, ShardSampler
 from pix2seq.data.transforms import (
+    OFFICIAL_PAD_VALUE,
     DetrAugment,
     EvalTransform,
     LargeScaleJitter,
     build_transform,
+    canvas_pad_value,
     eval_transform,
 )
 from pix2seq.tokenizer import sequence_length
@@ -139,6 +141,28 @@ def test_eval_transform_maps_back_to_original_pixels():
     assert (canvas[:, round(H * scale) :, :] == 0).all()  # zero padding below the image
     c2, s2 = eval_transform(img, S)
     assert torch.equal(c2, canvas) and s2 == scale
+
+
+@pytest.mark.parametrize("recipe", ["eval", "lsj", "detr"])
+def test_official_pixels_give_a_float_canvas_padded_with_0_3(recipe):
+    """model.pixels: official: the image as float32 x / 255, resized in float, padding 0.3; boxes and
+    scale exactly as on the uint8 canvas."""
+    assert canvas_pad_value("official") == OFFICIAL_PAD_VALUE and canvas_pad_value("imagenet") is None
+    img, boxes, labels = _red_rectangle()
+    img = img.clamp_min(1)  # nowhere black: the uint8 canvas' zeros are its padding
+    make = {
+        "eval": lambda pad: EvalTransform(S, pad),
+        "lsj": lambda pad: LargeScaleJitter(S, 0.5, 0.9, hflip=0.5, pad_value=pad),
+        "detr": lambda pad: DetrAugment(S, [64, 72], hflip=0.5, crop=True, pad_value=pad),
+    }[recipe]
+    u8, b8, l8, s8 = make(None)(img, boxes, labels, torch.Generator().manual_seed(3))
+    fl, bf, lf, sf = make(OFFICIAL_PAD_VALUE)(img, boxes, labels, torch.Generator().manual_seed(3))
+    assert u8.dtype == torch.uint8 and fl.dtype == torch.float32
+    assert torch.equal(b8, bf) and torch.equal(l8, lf) and s8 == sf
+    pad = u8.sum(0) == 0
+    assert pad.any() and bool((fl[:, pad] == torch.tensor(OFFICIAL_PAD_VALUE)).all())
+    # inside the image the float canvas is the uint8 one before its rounding
+    assert (fl[:, ~pad] * 255 - u8[:, ~pad].float()).abs().max() <= 1.0
 
 
 def test_build_transform_recipes():

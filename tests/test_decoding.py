@@ -292,11 +292,11 @@ def test_generate_reproduces_an_overfit_sequence():
     g = torch.Generator().manual_seed(3)
     img = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
     coords = torch.randint(vocab.coord_start, vocab.coord_end, (2, N, 4), generator=g)
-    classes = torch.randint(vocab.class_start, vocab.class_end, (2, N, 1), generator=g)
+    classes = vocab.label_to_token(torch.randint(0, NUM_CLASSES, (2, N, 1), generator=g))
     target = torch.cat(
         [torch.cat([coords, classes], 2).view(2, 5 * N), torch.zeros(2, 1, dtype=torch.long)], 1
     )
-    inputs = torch.cat([torch.ones(2, 1, dtype=torch.long), target[:, :-1]], 1)  # PROMPT = 1
+    inputs = torch.cat([torch.full((2, 1), vocab.prompt), target[:, :-1]], 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     for _ in range(120):

@@ -12,11 +12,13 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pix2seq.config import Config, ModelConfig
 from pix2seq.model import Pix2Seq, SequenceLoss, build_model, max_seq_len
-from pix2seq.model.backbone import Backbone
-from pix2seq.model.transformer import DropPath, attention, causal_mask, sincos_2d, use_sdpa
+from pix2seq.model.backbone import Backbone, SameMaxPool2d
+from pix2seq.model.transformer import DropPath, EncoderLayer, attention, causal_mask, sincos_2d, use_sdpa
 from pix2seq.vocab import EOS, PROMPT, Vocab
 
 NUM_CLASSES, BINS, MAX_INSTANCES, SIZE = 4, 32, 5, 64
+# the official model's switches (pix2seq.weights.convert writes them with max_seq_len 512)
+OFFICIAL = dict(pixels="official", stem_pool="same", ln_eps=1e-6, pos_normalize=True, max_seq_len=40)
 
 
 @pytest.fixture(autouse=True)
@@ -228,20 +230,86 @@ def test_encode_shape_and_causality():
         torch.testing.assert_close(m.decode(tok[:, :7], mem, last_only=True), full[:, 6])
 
 
+@pytest.mark.parametrize("switches", [{}, OFFICIAL], ids=["ours", "official"])
 @pytest.mark.parametrize("cross", ["full", "self"])
 @pytest.mark.parametrize("impl", ["math", "sdpa"])
-def test_decode_step_matches_full_decode(cross, impl):
-    m, _, vocab = tiny_model(attention=impl)
+def test_decode_step_matches_full_decode(cross, impl, switches):
+    m, _, vocab = tiny_model(attention=impl, **switches)
     m.eval()
     tok = tokens(2, vocab)[:, :12]
     with torch.no_grad():
         mem = m.encode(images(2))
         full = m.decode(tok, mem)
         cache = m.init_cache(mem, 12, cross=cross)
+        assert cache.eps == m.cfg.ln_eps
         steps = torch.stack([m.decode_step(tok[:, t], cache) for t in range(12)], 1)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
         m.decode_step(tok[:, 0], cache)  # past the end of the cache
+
+
+def test_official_switches():
+    """pixels: official (no mean/std), stem_pool: same, ln_eps everywhere, max_seq_len; the defaults
+    keep this project's model (ImageNet mean/std, PyTorch's pool and eps, 5 * max_instances + 1)."""
+    m, _, _ = tiny_model(**OFFICIAL)
+    assert {x.eps for x in m.modules() if isinstance(x, nn.LayerNorm)} == {1e-6}
+    assert isinstance(m.backbone.body.maxpool, SameMaxPool2d) and m.pos_embed.shape == (40, 64)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    u8 = (x * 255).byte()
+    assert torch.equal(m.normalize(x), x)
+    torch.testing.assert_close(m.normalize(u8), u8 / 255.0)
+    d, _, _ = tiny_model()
+    assert {x.eps for x in d.modules() if isinstance(x, nn.LayerNorm)} == {1e-5}
+    assert isinstance(d.backbone.body.maxpool, nn.MaxPool2d) and d.pos_embed.shape[0] == 5 * MAX_INSTANCES + 1
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(d.normalize(x), (x - mean.view(3, 1, 1)) / std.view(3, 1, 1))
+
+
+@pytest.mark.parametrize("n", [16, 15])
+def test_same_max_pool_windows(n):
+    """TensorFlow's SAME: an even side pads 0 before / 1 after (windows start at 0, 2, ...), an odd
+    side 1 / 1 (as PyTorch's padding=1); both give ceil(n / 2) cells."""
+    x = torch.rand(1, 1, n, n)
+    y = SameMaxPool2d()(x)
+    assert y.shape[-1] == (n + 1) // 2
+    first = x[..., :3, :3] if n % 2 == 0 else x[..., :2, :2]
+    assert y[0, 0, 0, 0] == first.max()
+    assert torch.equal(y, nn.MaxPool2d(3, 2, 1)(x)) == (n % 2 == 1)
+
+
+def test_normalised_positions_are_the_official_code():
+    """pos_normalize: [sin y, cos y, sin x, cos x], dim/4 frequencies 10000^(-k / (dim/4)), cell
+    coordinates i / (n - 1) * 2 pi; a single row or column: the 1-D code of the flat index."""
+    h, w, d = 3, 5, 16
+    omega = 10000.0 ** (-torch.arange(4) / 4)
+    y = (torch.arange(h).repeat_interleave(w) / (h - 1) * 6.2831852)[:, None] * omega
+    x = (torch.arange(w).repeat(h) / (w - 1) * 6.2831852)[:, None] * omega
+    want = torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], 1)
+    torch.testing.assert_close(sincos_2d(h, w, d, normalize=True), want)
+    p = (torch.arange(w) / (w - 1) * 6.2831852)[:, None] * 10000.0 ** (-torch.arange(8) / 8)
+    one = torch.cat([p.sin(), p.cos()], 1)
+    torch.testing.assert_close(sincos_2d(1, w, d, normalize=True), one)
+    torch.testing.assert_close(sincos_2d(w, 1, d, normalize=True), one)
+    yi = torch.arange(h).repeat_interleave(w)[:, None] * omega  # the default: cell indices
+    torch.testing.assert_close(sincos_2d(h, w, d)[:, :8], torch.cat([yi.sin(), yi.cos()], 1))
+    assert torch.isfinite(sincos_2d(1, 1, d, normalize=True)).all()  # official: NaN (0 / 0)
+
+
+def test_no_residual_dropout_only_inside_the_mlp():
+    """Official placement: dropout inside the MLP, drop-path on the branches, no dropout on the
+    residual branches: with the MLP's output layer zeroed and no drop-path, a training-mode layer
+    is deterministic however high the dropout."""
+    layer = EncoderLayer(32, 4, 64, dropout=0.5, drop_path=0.0, impl="math").train()
+    with torch.no_grad():
+        layer.mlp.fc2.weight.zero_()
+    x = torch.randn(2, 6, 32)
+    assert torch.equal(layer(x), layer(x))
+    m, _, _ = tiny_model(dropout=0.1, drop_path=0.1)
+    drops = sorted(n for n, x in m.named_modules() if isinstance(x, nn.Dropout))
+    paths = sorted(n for n, x in m.named_modules() if isinstance(x, DropPath))
+    stacks = [f"{s}.layers.{i}" for s in ("decoder", "encoder") for i in range(2)]
+    assert drops == ["bridge_mlp.drop", *[f"{s}.mlp.drop" for s in stacks], "feature_drop"]
+    assert paths == ["bridge_drop_path", *[f"{s}.drop_path" for s in stacks]]
 
 
 def test_build_model_sequence_length_and_init():
@@ -303,7 +371,9 @@ def test_box_attention_looks_at_the_box_from_class_positions():
     with pytest.raises(ValueError, match="square feature grid"):
         m.box_attention_bias(box, 12)
 
-    tokens = torch.cat([torch.tensor([PROMPT]), box, torch.tensor([v.class_start]), box, torch.tensor([EOS])])
+    tokens = torch.cat(
+        [torch.tensor([PROMPT]), box, torch.tensor([v.class_token_ids[0]]), box, torch.tensor([EOS])]
+    )
     tokens = tokens[None]  # (1, 11): prompt, an object, a second box, EOS
     mem = m.eval().encode(images(1))
     plain, _, _ = tiny_model(box_attention=False)

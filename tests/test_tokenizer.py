@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pix2seq.config import TokenizerConfig
+from pix2seq.config import ConfigError, TokenizerConfig
 from pix2seq.tokenizer import (
     build_sequence,
     noise_boxes,
@@ -27,12 +27,62 @@ def _boxes(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def test_vocab_ranges_disjoint_and_derived():
     v = Vocab(num_classes=80, bins=1000)
     assert v.vocab_size == 3 + 80 + 1000
-    assert {PAD, PROMPT, NOISE}.isdisjoint(range(v.class_start, v.class_end))
-    assert v.class_end <= v.coord_start and v.coord_end == v.vocab_size
+    assert v.class_token_ids == tuple(range(3, 83)) and (v.pad, v.eos, v.prompt, v.noise) == (
+        PAD,
+        EOS,
+        PROMPT,
+        NOISE,
+    )
+    assert max(v.class_token_ids) < v.coord_start and v.coord_end == v.vocab_size
     assert Vocab(num_classes=4, bins=128, vocab_size=3000).vocab_size == 3000
     coord, cls = v.allowed_mask("coord"), v.allowed_mask("class")
     assert int(coord.sum()) == 1000 and int(cls.sum()) == 81 and not (coord & cls).any()
     assert cls[NOISE] and not cls[PAD]
+
+
+COCO_LIKE = [{"id": 1, "name": "person"}, {"id": 90, "name": "toothbrush"}, {"id": 44, "name": "bottle"}]
+
+
+def test_official_vocabulary_layout():
+    """tokenizer.vocab: official: 0 PAD/EOS, 10 prompt, 30 NOISE, 100 + category id, 1000 + bin."""
+    v = Vocab.for_categories(COCO_LIKE, 1000, layout="official")
+    assert (v.pad, v.eos, v.prompt, v.noise, v.coord_start, v.vocab_size) == (0, 0, 10, 30, 1000, 3000)
+    assert v.class_token_ids == (101, 190, 144)
+    labels = torch.tensor([2, 0, 1])
+    assert v.label_to_token(labels).tolist() == [144, 101, 190]
+    assert v.token_to_label(torch.tensor([144, 101, 190, 30, 102, 1500])).tolist() == [2, 0, 1, -1, -1, -1]
+    assert v.is_class(torch.tensor([101, 30, 100, 999, 1000])).tolist() == [True] + [False] * 4
+    assert v.allowed_mask("class").nonzero().flatten().tolist() == [30, 101, 144, 190]
+    assert v.quantize(torch.tensor([0.0, 1.0])).tolist() == [1000, 1999]
+    assert Vocab(**v.to_dict()) == v and v.to_dict()["category_ids"] == [1, 90, 44]
+    old = {"num_classes": 5, "bins": 32, "vocab_size": 40}  # a checkpoint from before the layouts
+    assert Vocab(**old).layout == "compact" and Vocab(**old).class_token_ids == (3, 4, 5, 6, 7)
+
+
+def test_official_vocabulary_rejects_ids_without_a_class_token():
+    with pytest.raises(ConfigError, match=r"^tokenizer.vocab: official: category 'kite' \(id 900\)"):
+        Vocab.for_categories([*COCO_LIKE, {"id": 900, "name": "kite"}], 1000, layout="official")
+    with pytest.raises(ConfigError, match="^tokenizer.vocab: official needs"):
+        Vocab(3, 1000, layout="official")
+    assert Vocab.for_categories([{"id": 900, "name": "kite"}], 1000).class_token_ids == (
+        3,
+    )  # compact: any id
+
+
+def test_official_vocabulary_sequences():
+    v = Vocab.for_categories(COCO_LIKE, 1000, layout="official")
+    cfg = TokenizerConfig(bins=1000, max_instances=6, vocab="official")
+    boxes, labels = _boxes(3)
+    labels = labels % 3
+    inp, tgt, w = build_sequence(boxes, labels, v, cfg, torch.Generator().manual_seed(0))
+    objs, in_objs = tgt[:-1].reshape(6, 5), inp[1:].reshape(6, 5)
+    assert int(inp[0]) == 10 and int(tgt[-1]) == 0
+    assert bool((objs[3:, 4] == 30).all()) and bool(v.is_coord(objs[:, :4]).all())
+    assert sorted(v.token_to_label(objs[:3, 4]).tolist()) == sorted(labels.tolist())
+    assert set(in_objs[:, 4].tolist()) <= {30, 101, 144, 190}
+    _, tgt, _ = build_sequence(boxes, labels, v, cfg, train=False)
+    back, back_labels = sequence_to_objects(tgt, v)
+    assert torch.equal(back_labels, labels) and (back - boxes).abs().max() <= 0.5 / 999 + 1e-6
 
 
 @pytest.mark.parametrize("bins", [2, 7, 128, 1000])
@@ -187,14 +237,14 @@ def test_tokens_to_detections_maps_back_to_original_pixels():
     canvas, scale = 128, 0.5
     box = torch.tensor([[10.0, 20.0, 60.0, 180.0]])
     toks = v.quantize((box * scale / canvas)[:, [1, 0, 3, 2]]).reshape(-1)
-    tokens = torch.cat([toks, torch.tensor([v.class_start + 2])])[None]
+    tokens = torch.cat([toks, torch.tensor([v.class_token_ids[2]])])[None]
     probs = torch.tensor([[[0.1, 0.2, 0.7]]])
     det = tokens_to_detections(tokens, probs, v, canvas, torch.tensor([scale]), torch.tensor([[200, 100]]))[0]
     assert int(det["labels"][0]) == 2 and float(det["scores"][0]) == pytest.approx(0.7)
     assert torch.allclose(det["boxes"], box, atol=canvas / scale / 999)
     # boxes are clipped to the image
     big = v.quantize(torch.tensor([0.0, 0.0, 1.0, 1.0]))
-    tokens = torch.cat([big, torch.tensor([v.class_start])])[None]
+    tokens = torch.cat([big, torch.tensor([v.class_token_ids[0]])])[None]
     det = tokens_to_detections(tokens, probs, v, canvas, torch.tensor([scale]), torch.tensor([[200, 100]]))[0]
     assert det["boxes"].tolist() == [[0.0, 0.0, 100.0, 200.0]]
 
@@ -203,7 +253,7 @@ def test_tokens_to_detections_reads_fractional_coordinates():
     """``coords`` (the decoder's readout, in bins) replaces the tokens' own bins: sub-bin boxes."""
     v = Vocab(num_classes=3, bins=11)  # bin i <-> i / 10 of the canvas
     tokens = torch.tensor(
-        [[v.coord_start + 1, v.coord_start + 2, v.coord_start + 5, v.coord_start + 6, v.class_start]]
+        [[v.coord_start + 1, v.coord_start + 2, v.coord_start + 5, v.coord_start + 6, v.class_token_ids[0]]]
     )
     probs = torch.tensor([[[0.9, 0.05, 0.05]]])
     args = (v, 100, torch.tensor([1.0]), torch.tensor([[100, 100]]))

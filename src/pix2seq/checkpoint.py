@@ -12,7 +12,7 @@ The training engine's layout::
      "rng": capture_rng_state(),
      "epoch", "step_in_epoch", "global_step", "best_metric",
      "config": cfg.to_dict(),
-     "vocab": {"num_classes", "bins", "vocab_size"},
+     "vocab": Vocab.to_dict(): {"num_classes", "bins", "vocab_size", "layout", "category_ids"},
      "categories": [{"id", "name"}, ...]}
 
 Files written by :class:`CheckpointManager` in its directory::

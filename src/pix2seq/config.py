@@ -87,7 +87,10 @@ class TokenizerConfig:
 
     bins: int = 1000
     max_instances: int = 100
-    vocab_size: int = 0  # 0: derived (specials + classes + bins); else a fixed size that must fit
+    # token layout: compact (PAD 0, PROMPT 1, NOISE 2, the classes, the bins) or official
+    # (google-research/pix2seq's ids: prompt 10, NOISE 30, 100 + category id, 1000 + bin; 3000 tokens)
+    vocab: Literal["compact", "official"] = "compact"
+    vocab_size: int = 0  # 0: derived (compact: specials + classes + bins; official: 3000)
     # object order in a sequence: random (official, redrawn every time a sample is drawn), raster
     # (top-to-bottom, then left-to-right), area (largest first) or none (annotation order)
     order: Literal["random", "raster", "area", "none"] = "random"
@@ -134,6 +137,20 @@ class ModelConfig:
     # additive prior, a Gaussian (log) around the box the four coordinates before it name, so it
     # looks at the object before the decoder has learnt to read boxes from tokens
     box_attention: bool = False
+    # The official model's conventions (all five together compute google-research/pix2seq's
+    # function; `pix2seq weights convert` writes them). Each default keeps this project's behaviour.
+    # pixels: imagenet = uint8 canvas padded with 0, ImageNet mean/std inside the model (what
+    # torchvision's weights expect); official = float [0, 1] canvas resized in float, padded with
+    # 0.3, no mean/std
+    pixels: Literal["imagenet", "official"] = "imagenet"
+    # the stem's 3x3/2 max-pool: torch (pad 1 on every side) or same (TensorFlow's SAME: an even
+    # input is padded 0 before / 1 after, an odd one 1 / 1)
+    stem_pool: Literal["torch", "same"] = "torch"
+    ln_eps: float = 1e-5  # every LayerNorm's epsilon (the official code: 1e-6)
+    # image positions: false = feature-cell indices 0..n-1; true = i / (n - 1) * 2 pi, a 1-D code
+    # when the grid has one row or column (the official code)
+    pos_normalize: bool = False
+    max_seq_len: int = 0  # decoder positions; 0: 5 * tokenizer.max_instances + 1 (official: 512)
 
 
 @dataclass
@@ -460,7 +477,7 @@ def validate(cfg: Config) -> None:
         "coord_sigma",
     ):
         _check(getattr(t, k) >= 0, f"tokenizer.{k}", "must be >= 0")
-    if t.vocab_size and cfg.data.source == "generated":
+    if t.vocab_size and t.vocab == "compact" and cfg.data.source == "generated":
         need = num_specials() + g.num_classes + t.bins
         _check(
             t.vocab_size >= need,
@@ -476,6 +493,13 @@ def validate(cfg: Config) -> None:
     _check(m.encoder_layers >= 0, "model.encoder_layers", "must be >= 0")
     _check(m.decoder_layers >= 1, "model.decoder_layers", "must be >= 1")
     _check(m.pos_temperature > 1.0, "model.pos_temperature", f"must be > 1, got {m.pos_temperature}")
+    _check(m.ln_eps > 0, "model.ln_eps", f"must be positive, got {m.ln_eps}")
+    need = 5 * t.max_instances + 1
+    _check(
+        m.max_seq_len == 0 or m.max_seq_len >= need,
+        "model.max_seq_len",
+        f"{m.max_seq_len} positions cannot hold {t.max_instances} objects (needs {need}, or 0)",
+    )
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")
 

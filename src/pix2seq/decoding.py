@@ -14,7 +14,8 @@ Generated position ``i`` (0-based, after the prompt) is a class position when ``
 coordinate position otherwise. ``constrained=True`` masks the logits to
 ``vocab.allowed_mask("coord" | "class")`` (class positions admit the real classes and NOISE).
 ``class_probs`` is the softmax of the (constrained or full-vocabulary) logits at temperature 1,
-restricted to the class range: it excludes NOISE, so it sums to at most 1.
+restricted to the class tokens (``vocab.class_token_ids``, label order): it excludes NOISE, so it
+sums to at most 1.
 
 Coordinate readout (``coord_window``, not in the paper): 0 reads each coordinate as its generated
 token's bin (the paper). ``w > 0`` reads the expected bin under the coordinate position's
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pix2seq.vocab import PROMPT, Vocab
+from pix2seq.vocab import Vocab
 
 METHODS = ("greedy", "nucleus", "beam")
 CACHES = ("full", "self", "none")
@@ -115,7 +116,7 @@ def generate(
             if memory is None:
                 memory = model.encode(images)
             b = memory.shape[0]
-            num_classes = vocab.class_end - vocab.class_start
+            num_classes = vocab.num_classes
             biases = _position_biases(vocab, device) if constrained else None
             readout = _CoordReadout(vocab, round(coord_window * (vocab.bins - 1)), device)
             if length == 0:
@@ -220,9 +221,9 @@ def _check_vocab(logits: Tensor, vocab: Vocab) -> None:
 def _sequential(model, memory, vocab, length, method, top_p, temperature, cache, biases, generator, readout):
     """Greedy or nucleus decoding: one token per row per step."""
     b, device = memory.shape[0], memory.device
-    cs, ce = vocab.class_start, vocab.class_end
-    seq = torch.full((b, length + 1), PROMPT, dtype=torch.long, device=device)
-    class_probs = torch.zeros(b, length // 5, ce - cs, device=device)
+    class_ids = vocab.class_tokens(device)
+    seq = torch.full((b, length + 1), vocab.prompt, dtype=torch.long, device=device)
+    class_probs = torch.zeros(b, length // 5, vocab.num_classes, device=device)
     coords = torch.zeros(b, length // 5, 4, device=device) if readout.window else None
     step = _Stepper(model, memory, length, cache)
     for t in range(length):
@@ -233,7 +234,7 @@ def _sequential(model, memory, vocab, length, method, top_p, temperature, cache,
         if biases is not None:
             logits = logits + biases[is_class]
         if is_class:
-            class_probs[:, t // 5] = logits.softmax(-1)[:, cs:ce]
+            class_probs[:, t // 5] = logits.softmax(-1).index_select(1, class_ids)
         if method == "greedy":
             nxt = logits.argmax(-1)
         else:
@@ -260,11 +261,11 @@ def _nucleus(logits: Tensor, top_p: float, temperature: float, generator: torch.
 def _beam(model, memory, vocab, length, k, cache, biases, readout):
     """Batched beam search over ``B * k`` rows; scores are sums of log-probabilities."""
     b, device = memory.shape[0], memory.device
-    cs, ce = vocab.class_start, vocab.class_end
+    class_ids = vocab.class_tokens(device)
     v = vocab.vocab_size
     rows = b * k
-    seq = torch.full((rows, length + 1), PROMPT, dtype=torch.long, device=device)
-    class_probs = torch.zeros(rows, length // 5, ce - cs, device=device)
+    seq = torch.full((rows, length + 1), vocab.prompt, dtype=torch.long, device=device)
+    class_probs = torch.zeros(rows, length // 5, vocab.num_classes, device=device)
     coords = torch.zeros(rows, length // 5, 4, device=device) if readout.window else None
     # all beams start identical: only the first one may expand at step 0
     scores = torch.full((b, k), float("-inf"), device=device)
@@ -286,7 +287,7 @@ def _beam(model, memory, vocab, length, k, cache, biases, readout):
         seq.select(1, t + 1).copy_((idx % v).view(rows))
         class_probs = class_probs.index_select(0, parent)
         if is_class:
-            class_probs[:, t // 5] = logits.softmax(-1)[:, cs:ce].index_select(0, parent)
+            class_probs[:, t // 5] = logits.softmax(-1).index_select(1, class_ids).index_select(0, parent)
         if coords is not None:
             coords = coords.index_select(0, parent)
             if not is_class:

@@ -12,7 +12,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from pix2seq.checkpoint import load_checkpoint
 from pix2seq.config import config_from_dict
-from pix2seq.data.transforms import eval_transform
+from pix2seq.data.transforms import canvas_pad_value, eval_transform
 from pix2seq.decoding import generate
 from pix2seq.engine import autocast_dtype
 from pix2seq.model import build_model
@@ -139,7 +139,8 @@ class Predictor:
         ecfg = self.cfg.eval
         for i in range(0, len(images), batch_size):
             chunk = images[i : i + batch_size]
-            prepped = [eval_transform(img, self.canvas) for img in chunk]
+            pad = canvas_pad_value(self.cfg.model.pixels)
+            prepped = [eval_transform(img, self.canvas, pad) for img in chunk]
             canvas = torch.stack([p[0] for p in prepped]).to(self.device)
             scale = torch.tensor([p[1] for p in prepped])
             orig = torch.tensor([[img.shape[1], img.shape[2]] for img in chunk])

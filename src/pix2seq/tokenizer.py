@@ -19,7 +19,7 @@ from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
 from pix2seq.config import TokenizerConfig
-from pix2seq.vocab import EOS, NOISE, PAD, PROMPT, Vocab
+from pix2seq.vocab import Vocab
 
 TOKENS_PER_OBJECT = 5
 
@@ -167,7 +167,7 @@ def build_sequence(
         noise = _sort_corners(noise_boxes(real, m - n, tcfg, generator))
     k = noise.shape[0]
     if tcfg.noise_class == "noise":
-        noise_cls = torch.full((k,), NOISE, dtype=torch.long)
+        noise_cls = torch.full((k,), vocab.noise, dtype=torch.long)
     else:  # the seed's variant: noise objects carry random real classes
         noise_cls = vocab.label_to_token(_randint(vocab.num_classes, (k,), generator))
     w_noise = torch.full((k, TOKENS_PER_OBJECT), tcfg.noise_coord_weight)
@@ -179,9 +179,9 @@ def build_sequence(
     seq = objects_to_tokens(all_boxes, all_cls, vocab)  # (5K,)
     L = seq.shape[0]
 
-    target = torch.full((T,), PAD, dtype=torch.long)
+    target = torch.full((T,), vocab.pad, dtype=torch.long)
     target[:L] = seq
-    target[L] = EOS  # L <= 5m = T - 1, so there is always room
+    target[L] = vocab.eos  # L <= 5m = T - 1, so there is always room
     weights = torch.full((T,), tcfg.eos_weight)
     weights[:L] = torch.cat(weights_obj).reshape(-1)
 
@@ -194,7 +194,7 @@ def build_sequence(
             n_obj = L // TOKENS_PER_OBJECT
             rand_cls = vocab.label_to_token(_randint(vocab.num_classes, (n_obj,), generator))
             fake = torch.where(
-                _uniform((n_obj,), generator) < 0.5, rand_cls, torch.full_like(rand_cls, NOISE)
+                _uniform((n_obj,), generator) < 0.5, rand_cls, torch.full_like(rand_cls, vocab.noise)
             )
             seq_in[is_cls] = fake
         if tcfg.input_dropout > 0:
@@ -202,8 +202,8 @@ def build_sequence(
             rand_coord = vocab.coord_start + _randint(vocab.bins, (L,), generator)
             rand_cls = vocab.label_to_token(_randint(vocab.num_classes, (L,), generator))
             seq_in = torch.where(drop, torch.where(is_cls, rand_cls, rand_coord), seq_in)
-    inp = torch.full((T,), PAD, dtype=torch.long)
-    inp[0] = PROMPT
+    inp = torch.full((T,), vocab.pad, dtype=torch.long)
+    inp[0] = vocab.prompt
     inp[1 : L + 1] = seq_in
     return inp, target, weights
 
@@ -218,7 +218,7 @@ def sequence_to_objects(target_tokens: Tensor, vocab: Vocab) -> tuple[Tensor, Te
     """
     n = target_tokens.shape[0] // TOKENS_PER_OBJECT
     groups = target_tokens[: n * TOKENS_PER_OBJECT].reshape(n, TOKENS_PER_OBJECT)
-    is_eos = (groups[:, 0] == EOS).nonzero()
+    is_eos = (groups[:, 0] == vocab.eos).nonzero()
     if len(is_eos):
         groups = groups[: int(is_eos[0])]
     keep = vocab.is_class(groups[:, 4])

@@ -82,7 +82,7 @@ def checkpoint_state(
         "best_metric": state.best_metric,
         "history": state.history,
         "config": cfg.to_dict(),
-        "vocab": {"num_classes": vocab.num_classes, "bins": vocab.bins, "vocab_size": vocab.vocab_size},
+        "vocab": vocab.to_dict(),
         "categories": categories,
     }
 

@@ -3,6 +3,7 @@
 Items follow the data contract of docs/architecture.md::
 
     image          uint8 (3, S, S)   the canvas; image top-left, zero padding right/bottom
+                   (model.pixels: official: float32 in [0, 1], padding 0.3)
     boxes          float (N, 4)      xyxy canvas pixels, after augmentation
     labels         long (N,)         contiguous labels 0..C-1
     image_id       int               the COCO image id
@@ -32,7 +33,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from pix2seq.config import Config, TokenizerConfig
 from pix2seq.data.prepare import MANIFEST_FORMAT, manifest_path
 from pix2seq.data.sampler import RepeatSampler, ShardSampler, sample_generator
-from pix2seq.data.transforms import build_transform
+from pix2seq.data.transforms import build_transform, canvas_pad_value
 from pix2seq.tokenizer import build_sequence
 from pix2seq.vocab import Vocab
 
@@ -126,8 +127,9 @@ def read_categories(cfg: Config, split: str | None = None) -> list[dict[str, Any
 
 
 def build_vocab(cfg: Config) -> Vocab:
-    """The vocabulary for the prepared dataset's categories and ``tokenizer.bins``."""
-    return Vocab(len(read_categories(cfg)), cfg.tokenizer.bins, cfg.tokenizer.vocab_size)
+    """The vocabulary for the prepared dataset's categories and ``tokenizer.*``."""
+    t = cfg.tokenizer
+    return Vocab.for_categories(read_categories(cfg), t.bins, t.vocab_size, t.vocab)
 
 
 # -------------------------------------------------------------------------------------- images
@@ -237,7 +239,7 @@ def build_dataset(cfg: Config, split: str, train: bool, vocab: Vocab | None = No
         manifest = manifest.subset(cfg.data.max_val_images)
     return DetectionDataset(
         manifest,
-        build_transform(cfg.data, train),
+        build_transform(cfg.data, train, canvas_pad_value(cfg.model.pixels)),
         train=train,
         vocab=vocab,
         tcfg=cfg.tokenizer if train else None,

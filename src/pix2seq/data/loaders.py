@@ -81,7 +81,8 @@ def load_detection_data(cfg: Config, distributed: bool = False) -> DetectionData
     train_m = manifest_path(d.prepared_dir, d.train_split)
     val_m = manifest_path(d.prepared_dir, d.val_split)
     categories = build_dataset(cfg, d.val_split, train=False).categories
-    vocab = Vocab(len(categories), cfg.tokenizer.bins, cfg.tokenizer.vocab_size)
+    t = cfg.tokenizer
+    vocab = Vocab.for_categories(categories, t.bins, t.vocab_size, t.vocab)
     return DetectionData(
         cfg=cfg,
         distributed=distributed,

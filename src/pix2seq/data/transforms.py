@@ -19,6 +19,12 @@ Recipes (``data.augment``):
 Evaluation: the longer side is resized to S (aspect kept) and padded; ``scale = S / max(H, W)``,
 so ``box_original = box_canvas / scale``.
 
+Canvas pixels (``pad_value``, from ``model.pixels``): ``None`` (``imagenet``, this project's default)
+keeps uint8 throughout and pads with 0. A float (``official``: 0.3) converts the image to float32
+in [0, 1] first (``x / 255``), resizes in float (bilinear, antialiased) and pads with that value, as
+the official code does (``convert_image_dtype``, ``tf.image.resize(antialias=True)``,
+``pad_image_to_max_size``); the canvas is then float32 ``(3, S, S)``.
+
 All randomness comes from the ``generator`` argument, so a sample is a pure function of its seed
 (see :mod:`pix2seq.data.sampler`), whatever worker draws it.
 """
@@ -38,6 +44,18 @@ from pix2seq.config import DataConfig
 Result = tuple[Tensor, Tensor, Tensor, float]
 
 _sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, min_area=1.0)
+
+OFFICIAL_PAD_VALUE = 0.3  # the official pad_image_to_max_size's background, in [0, 1] pixels
+
+
+def canvas_pad_value(pixels: str) -> float | None:
+    """``model.pixels`` -> the transforms' ``pad_value``: None (uint8, zero padding) or 0.3 (float)."""
+    return OFFICIAL_PAD_VALUE if pixels == "official" else None
+
+
+def _to_canvas_pixels(image: Tensor, pad_value: float | None) -> Tensor:
+    """uint8 input -> what the canvas holds: uint8 unchanged, or float32 in [0, 1]."""
+    return image if pad_value is None else F.to_dtype(image, torch.float32, scale=True)
 
 
 def _rand(generator: torch.Generator | None) -> float:
@@ -89,12 +107,21 @@ def _color_jitter(img: Tensor, strength: float, generator: torch.Generator | Non
 
 
 def _finish(
-    img: Tensor, bb: tv_tensors.BoundingBoxes, labels: Tensor, size: int, scale: float, sanitize: bool = True
+    img: Tensor,
+    bb: tv_tensors.BoundingBoxes,
+    labels: Tensor,
+    size: int,
+    scale: float,
+    sanitize: bool = True,
+    pad_value: float | None = None,
 ) -> Result:
-    """Pad top-left onto the zero canvas and drop boxes that no longer frame anything."""
+    """Pad top-left onto the canvas and drop boxes that no longer frame anything."""
     h, w = img.shape[-2:]
     assert h <= size and w <= size, (h, w, size)
-    canvas = torch.zeros((3, size, size), dtype=torch.uint8)
+    if pad_value is None:
+        canvas = torch.zeros((3, size, size), dtype=torch.uint8)
+    else:
+        canvas = torch.full((3, size, size), pad_value, dtype=torch.float32)
     canvas[:, :h, :w] = img
     bb = tv_tensors.wrap(F.clamp_bounding_boxes(bb), like=bb, canvas_size=(size, size))
     if sanitize:
@@ -108,8 +135,8 @@ def _finish(
 class EvalTransform:
     """Resize the longer side to ``size`` (aspect kept), pad; ``scale = size / max(H, W)``."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, pad_value: float | None = None):
+        self.size, self.pad_value = size, pad_value
 
     def __call__(
         self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
@@ -117,18 +144,25 @@ class EvalTransform:
         H, W = image.shape[-2:]
         r = self.size / max(H, W)
         out_h, out_w = min(self.size, max(1, round(H * r))), min(self.size, max(1, round(W * r)))
+        image = _to_canvas_pixels(image, self.pad_value)
         img, bb = _crop_resize(image, boxes, 0, 0, H, W, out_h, out_w)
-        return _finish(img, bb, labels, self.size, r, sanitize=False)
+        return _finish(img, bb, labels, self.size, r, sanitize=False, pad_value=self.pad_value)
 
 
 class LargeScaleJitter:
     """The official recipe (see the module docstring)."""
 
     def __init__(
-        self, size: int, scale_min: float, scale_max: float, hflip: float, color_jitter: float = 0.0
+        self,
+        size: int,
+        scale_min: float,
+        scale_max: float,
+        hflip: float,
+        color_jitter: float = 0.0,
+        pad_value: float | None = None,
     ):
         self.size, self.scale_min, self.scale_max = size, scale_min, scale_max
-        self.hflip, self.color_jitter = hflip, color_jitter
+        self.hflip, self.color_jitter, self.pad_value = hflip, color_jitter, pad_value
 
     def __call__(
         self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
@@ -144,12 +178,13 @@ class LargeScaleJitter:
         top, left = min(H - 1, int(math.floor(oy / r))), min(W - 1, int(math.floor(ox / r)))
         height = max(1, min(H - top, round(ch / r)))
         width = max(1, min(W - left, round(cw / r)))
+        image = _to_canvas_pixels(image, self.pad_value)
         img, bb = _crop_resize(image, boxes, top, left, height, width, ch, cw)
         if _rand(generator) < self.hflip:
             img, bb = F.horizontal_flip(img), F.horizontal_flip(bb)
         if self.color_jitter > 0:
             img = _color_jitter(img, self.color_jitter, generator)
-        return _finish(img, bb, labels, S, r)
+        return _finish(img, bb, labels, S, r, pad_value=self.pad_value)
 
 
 class DetrAugment:
@@ -158,14 +193,17 @@ class DetrAugment:
     CROP_SHORT_SIDES = (400, 500, 600)
     CROP_MIN, CROP_MAX = 384, 600
 
-    def __init__(self, size: int, scales: list[int], hflip: float, crop: bool, color_jitter: float = 0.0):
-        self.size, self.scales, self.hflip, self.crop, self.color_jitter = (
-            size,
-            list(scales),
-            hflip,
-            crop,
-            color_jitter,
-        )
+    def __init__(
+        self,
+        size: int,
+        scales: list[int],
+        hflip: float,
+        crop: bool,
+        color_jitter: float = 0.0,
+        pad_value: float | None = None,
+    ):
+        self.size, self.scales, self.hflip, self.crop = size, list(scales), hflip, crop
+        self.color_jitter, self.pad_value = color_jitter, pad_value
 
     def _crop_window(self, H: int, W: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
         f = _choice(list(self.CROP_SHORT_SIDES), generator) / min(H, W)  # DETR's intermediate resize
@@ -199,27 +237,30 @@ class DetrAugment:
         if max(height, width) * r > S:
             r = S / max(height, width)
         out_h, out_w = min(S, max(1, round(height * r))), min(S, max(1, round(width * r)))
+        image = _to_canvas_pixels(image, self.pad_value)
         img, bb = _crop_resize(image, boxes, top, left, height, width, out_h, out_w)
         if flip:
             img, bb = F.horizontal_flip(img), F.horizontal_flip(bb)
         if self.color_jitter > 0:
             img = _color_jitter(img, self.color_jitter, generator)
-        return _finish(img, bb, labels, S, r)
+        return _finish(img, bb, labels, S, r, pad_value=self.pad_value)
 
 
-def eval_transform(image: Tensor, size: int) -> tuple[Tensor, float]:
-    """One raw image (uint8 (3, H, W)) -> (canvas uint8 (3, size, size), scale): the inference input."""
-    canvas, _, _, scale = EvalTransform(size)(image, torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.long))
+def eval_transform(image: Tensor, size: int, pad_value: float | None = None) -> tuple[Tensor, float]:
+    """One raw image (uint8 (3, H, W)) -> (canvas (3, size, size), scale): the inference input."""
+    t = EvalTransform(size, pad_value)
+    canvas, _, _, scale = t(image, torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.long))
     return canvas, scale
 
 
-def build_transform(dcfg: DataConfig, train: bool):
-    """The training recipe ``dcfg.augment`` (train=True) or the evaluation transform."""
+def build_transform(dcfg: DataConfig, train: bool, pad_value: float | None = None):
+    """The training recipe ``dcfg.augment`` (train=True) or the evaluation transform;
+    ``pad_value``: the canvas's pixels (module docstring; :func:`canvas_pad_value`)."""
     S = dcfg.image_size
     if not train or dcfg.augment == "none":
-        return EvalTransform(S)
+        return EvalTransform(S, pad_value)
     if dcfg.augment == "lsj":
-        return LargeScaleJitter(S, dcfg.scale_min, dcfg.scale_max, dcfg.hflip, dcfg.color_jitter)
+        return LargeScaleJitter(S, dcfg.scale_min, dcfg.scale_max, dcfg.hflip, dcfg.color_jitter, pad_value)
     if dcfg.augment == "detr":
-        return DetrAugment(S, dcfg.detr_scales, dcfg.hflip, dcfg.detr_crop, dcfg.color_jitter)
+        return DetrAugment(S, dcfg.detr_scales, dcfg.hflip, dcfg.detr_crop, dcfg.color_jitter, pad_value)
     raise ValueError(f"data.augment: unknown recipe {dcfg.augment!r}")

@@ -180,12 +180,15 @@ def draw_detections(
     width: int = 2,
 ) -> torch.Tensor:
     """Ground truth (green, thin) and predictions with ``score >= score_thresh`` (class colours,
-    ``name score``) drawn on a uint8 ``(3, H, W)`` image; returns a new uint8 image.
+    ``name score``) drawn on a uint8 ``(3, H, W)`` image (or a float one in [0, 1], the canvas of
+    ``model.pixels: official``); returns a new uint8 image.
 
     Boxes are xyxy in the image's pixels; ``labels`` are contiguous 0..C-1 indices into ``names``.
     """
     from torchvision.utils import draw_bounding_boxes
 
+    if image.is_floating_point():
+        image = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8)
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
         raise ValueError(
             f"draw_detections: need a uint8 (3,H,W) image, got {tuple(image.shape)} {image.dtype}"

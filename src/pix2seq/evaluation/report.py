@@ -70,6 +70,11 @@ def run_evaluation(cfg: Config) -> dict[str, float]:
         raise ValueError(
             f"{path}: the model knows {vocab.num_classes} categories, the dataset has {data.num_classes}"
         )
+    if vocab.layout == "official" and list(vocab.category_ids) != data.label_to_category:
+        raise ValueError(
+            f"{path}: the model's category ids {list(vocab.category_ids)[:5]}... differ from the "
+            f"dataset's {data.label_to_category[:5]}... (official vocabulary: class token = 100 + id)"
+        )
     t0 = time.perf_counter()
     metrics, result, samples = evaluate_model(
         model, data, vocab, mcfg, info.device, keep_images=cfg.eval.num_vis

@@ -11,8 +11,8 @@ from pix2seq.vocab import Vocab
 
 
 def max_seq_len(cfg: Config) -> int:
-    """Decoder positions: the prompt + 5 tokens per instance."""
-    return 5 * cfg.tokenizer.max_instances + 1
+    """Decoder positions: ``model.max_seq_len``, else the prompt + 5 tokens per instance."""
+    return cfg.model.max_seq_len or 5 * cfg.tokenizer.max_instances + 1
 
 
 def build_model(cfg: Config, vocab: Vocab) -> tuple[Pix2Seq, SequenceLoss]:

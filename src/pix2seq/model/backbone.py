@@ -11,6 +11,12 @@ and, like DETR, freezes the stem and ``layer1``. Normalisation layers (``norm``,
   starts from the BatchNorm affine parameters.
 
 The max-pool of the stem is kept (removing it quadruples the token count and halves throughput).
+``pool="same"`` (``model.stem_pool``) pads it as TensorFlow's ``SAME`` does (the official ResNet):
+PyTorch's ``MaxPool2d(3, 2, padding=1)`` pads one cell on every side, SAME pads ``0`` before and ``1``
+after an even side (``1``/``1`` for an odd one), so on even inputs every window moves by one
+pixel. Both give ``ceil(n / 2)`` outputs. The strided convolutions need nothing: the official
+``Conv2dFixedPadding`` pads ``(k - 1) // 2`` before and the rest after, which for the odd kernels
+of a ResNet (7, 3, 1) is PyTorch's symmetric ``padding=k // 2``.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import math
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 # output channels of (layer2, layer3, layer4) for each supported ResNet
@@ -37,7 +44,12 @@ class Backbone(nn.Module):
     """``(B, 3, H, W)`` normalised float images -> ``(B, num_channels, H/stride, W/stride)`` features."""
 
     def __init__(
-        self, name: str = "resnet50", stage: str = "layer4", pretrained: bool = False, norm: str = "auto"
+        self,
+        name: str = "resnet50",
+        stage: str = "layer4",
+        pretrained: bool = False,
+        norm: str = "auto",
+        pool: str = "torch",
     ) -> None:
         super().__init__()
         if name not in _CHANNELS:
@@ -46,6 +58,8 @@ class Backbone(nn.Module):
             raise ValueError(f"model.backbone_stage: must be layer2, layer3 or layer4, got {stage!r}")
         if norm not in ("auto", "batch", "frozen", "group"):
             raise ValueError(f"model.backbone_norm: must be auto, batch, frozen or group, got {norm!r}")
+        if pool not in ("torch", "same"):
+            raise ValueError(f"model.stem_pool: must be torch or same, got {pool!r}")
         if norm == "auto":
             norm = "frozen" if pretrained else "batch"
         ctor = getattr(torchvision.models, name)
@@ -58,7 +72,10 @@ class Backbone(nn.Module):
                 _batch_to_group_norm(net)
         last = _STAGES.index(stage)
         modules: OrderedDict[str, nn.Module] = OrderedDict(
-            conv1=net.conv1, bn1=net.bn1, relu=net.relu, maxpool=net.maxpool
+            conv1=net.conv1,
+            bn1=net.bn1,
+            relu=net.relu,
+            maxpool=net.maxpool if pool == "torch" else SameMaxPool2d(),
         )
         for s in _STAGES[: last + 1]:
             modules[s] = getattr(net, s)
@@ -76,6 +93,31 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+
+class SameMaxPool2d(nn.Module):
+    """``kernel x kernel`` max-pool with stride ``stride`` and TensorFlow's ``SAME`` padding.
+
+    Output side ``ceil(n / stride)``; the padding ``max((out - 1) * stride + kernel - n, 0)`` is split
+    ``total // 2`` before, the rest after; padded cells never win (-inf).
+    """
+
+    def __init__(self, kernel: int = 3, stride: int = 2) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def _pad(self, n: int) -> tuple[int, int]:
+        total = max((-(-n // self.stride) - 1) * self.stride + self.kernel - n, 0)
+        return total // 2, total - total // 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        top, bottom = self._pad(x.shape[-2])
+        left, right = self._pad(x.shape[-1])
+        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        return F.max_pool2d(x, self.kernel, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}, stride={self.stride}, padding=SAME"
 
 
 def _batch_to_group_norm(module: nn.Module, groups: int = 32) -> None:

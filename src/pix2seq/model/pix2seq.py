@@ -2,9 +2,9 @@
 
 ::
 
-    images (uint8 or [0,1] float) -> ImageNet mean/std -> ResNet (C4 or C5)
-      -> linear to d_model -> LayerNorm -> + 2-D sine-cosine positions -> pre-LN encoder -> LayerNorm
-      -> bridge: linear + LayerNorm, + visual positions, + residual MLP         = memory (B, S, D)
+    images (uint8 or [0,1] float) -> ImageNet mean/std (model.pixels: imagenet) -> ResNet (C4 or C5)
+      -> dropout -> linear to d_model -> LayerNorm -> + 2-D sine-cosine positions -> pre-LN encoder
+      -> LayerNorm -> bridge: linear + LayerNorm, + visual positions, + residual MLP = memory (B, S, D)
     tokens -> shared token embedding + learned 1-D positions -> pre-LN decoder (causal self-attn,
       cross-attn to memory, MLP) -> LayerNorm -> logits = h @ E^T + output bias      (B, T, V)
     model.box_attention (not in the paper): cross-attention logits at class positions
@@ -17,6 +17,12 @@ Incremental decoding (used by :mod:`pix2seq.decoding`)::
     cache.reorder(index)                            # beam search: rows follow their parent beams
 
 (the cache is a :class:`pix2seq.model.transformer.StepCache`; see there for its layout).
+
+The same module computes google-research/pix2seq's ``encoder_ar_decoder`` exactly (its
+``ResNetTransformer`` + ``proj``/``proj_ln``/``proj_mlp`` + ``AutoregressiveDecoder``) with the official
+switches of :class:`~pix2seq.config.ModelConfig`: ``pixels: official`` (raw [0, 1] input),
+``stem_pool: same``, ``ln_eps: 1e-6``, ``pos_normalize: true`` and ``max_seq_len: 512``;
+:mod:`pix2seq.weights.convert` maps a checkpoint's tensors onto it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pix2seq.model.transformer import (
     StepCache,
     decoder_step,
     init_weights,
+    maybe_drop_path,
     sincos_1d,
     sincos_2d,
 )
@@ -66,27 +73,34 @@ class Pix2Seq(nn.Module):
         self.d_model = d
         self.heads = cfg.heads
 
-        self.backbone = Backbone(cfg.backbone, cfg.backbone_stage, cfg.pretrained, cfg.backbone_norm)
-        self.input_proj = nn.Linear(self.backbone.num_channels, d)
-        self.input_norm = nn.LayerNorm(d)
-        self.encoder = Encoder(
-            cfg.encoder_layers, d, cfg.heads, cfg.mlp_dim, cfg.dropout, cfg.drop_path, cfg.attention
+        eps = cfg.ln_eps
+        self.backbone = Backbone(
+            cfg.backbone, cfg.backbone_stage, cfg.pretrained, cfg.backbone_norm, cfg.stem_pool
         )
-        # bridge from the encoder to the decoder's memory
+        # one dropout on the backbone's features (the official ResNetTransformer's)
+        self.feature_drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
+        self.input_proj = nn.Linear(self.backbone.num_channels, d)
+        self.input_norm = nn.LayerNorm(d, eps=eps)
+        self.encoder = Encoder(
+            cfg.encoder_layers, d, cfg.heads, cfg.mlp_dim, cfg.dropout, cfg.drop_path, cfg.attention, eps
+        )
+        # bridge from the encoder to the decoder's memory (official: proj, proj_ln, proj_mlp)
         self.bridge_proj = nn.Linear(d, d)
-        self.bridge_norm = nn.LayerNorm(d)
-        self.bridge_mlp_norm = nn.LayerNorm(d)
+        self.bridge_norm = nn.LayerNorm(d, eps=eps)
+        self.bridge_mlp_norm = nn.LayerNorm(d, eps=eps)
         self.bridge_mlp = MLP(d, cfg.mlp_dim, cfg.dropout)
+        self.bridge_drop_path = maybe_drop_path(cfg.drop_path)
 
         self.token_embed = nn.Embedding(vocab_size, d)
         self.pos_embed = nn.Parameter(torch.zeros(max_seq_len, d))
         self.decoder = Decoder(
-            cfg.decoder_layers, d, cfg.heads, cfg.mlp_dim, cfg.dropout, cfg.drop_path, cfg.attention
+            cfg.decoder_layers, d, cfg.heads, cfg.mlp_dim, cfg.dropout, cfg.drop_path, cfg.attention, eps
         )
         self.out_bias = nn.Parameter(torch.zeros(vocab_size))
 
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        # [0, 1] pixels -> the backbone's input: x * scale + shift (ImageNet mean/std, or identity)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.pixels == "imagenet" else ((0.0,) * 3, (1.0,) * 3)
+        mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self.register_buffer("pixel_scale", 1.0 / std, persistent=False)
         self.register_buffer("pixel_shift", -mean / std, persistent=False)
         self.reset_parameters()
@@ -105,7 +119,8 @@ class Pix2Seq(nn.Module):
 
     # ------------------------------------------------------------------------------- encoder
     def normalize(self, images: Tensor) -> Tensor:
-        """uint8 ``[0, 255]`` or float ``[0, 1]`` images -> ImageNet-normalised float."""
+        """uint8 ``[0, 255]`` or float ``[0, 1]`` images -> the backbone's input: ImageNet-normalised
+        (``model.pixels: imagenet``) or the raw ``[0, 1]`` values (``official``)."""
         dtype = self.pixel_scale.dtype
         if images.dtype == torch.uint8:
             x = images.to(dtype) * (1.0 / 255.0)
@@ -117,12 +132,18 @@ class Pix2Seq(nn.Module):
         """``(B, 3, H, W)`` images -> the decoder's memory ``(B, S, D)``, S = (H/stride)(W/stride)."""
         f = self.backbone(self.normalize(images))
         b, _, h, w = f.shape
-        x = self.input_norm(self.input_proj(f.flatten(2).transpose(1, 2)))
-        pos = sincos_2d(h, w, self.d_model, device=x.device, temperature=self.cfg.pos_temperature).to(x.dtype)
+        f = f.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major cells
+        if self.feature_drop is not None:
+            f = self.feature_drop(f)
+        x = self.input_norm(self.input_proj(f))
+        pos = sincos_2d(h, w, self.d_model, x.device, self.cfg.pos_temperature, self.cfg.pos_normalize).to(
+            x.dtype
+        )
         x = self.encoder(x + pos)
         x = self.bridge_norm(self.bridge_proj(x))
         x = x + pos.to(x.dtype)
-        return x + self.bridge_mlp(self.bridge_mlp_norm(x))
+        y = self.bridge_mlp(self.bridge_mlp_norm(x))
+        return x + (y if self.bridge_drop_path is None else self.bridge_drop_path(y))
 
     # ------------------------------------------------------------------------------- decoder
     def logits(self, h: Tensor) -> Tensor:

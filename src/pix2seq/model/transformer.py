@@ -6,8 +6,11 @@ Attention (``impl``):
 - ``"math"``: explicit ``matmul + softmax`` (measured faster on CPU, especially the backward);
 - ``"auto"``: SDPA for CUDA tensors, math otherwise (decided per call from the tensor's device).
 
-Dropout and drop-path modules are only created when their probability is > 0 (random-mask generation
-is costly on CPU). There is no dropout on attention probabilities, only on the residual branches.
+Regularisation is placed as in the official code (its ``TransformerEncoderLayer``, ``MLP``,
+``FeedForwardLayer``): drop-path on every residual branch (attention and MLP), dropout inside the
+MLP (after the GELU), none on the residual branches themselves or on attention probabilities.
+Dropout and drop-path modules are only created when their probability is > 0 (random-mask
+generation is costly on CPU). ``eps`` is every LayerNorm's epsilon (PyTorch's 1e-5; official 1e-6).
 
 Incremental decoding (:func:`decoder_step`) runs the whole decoder stack for one position: every
 layer writes its self-attention key/value for position ``t`` in place into preallocated buffers
@@ -91,6 +94,8 @@ class DropPath(nn.Module):
 
 
 class MLP(nn.Module):
+    """``fc2(dropout(gelu(fc1(x))))`` with the exact (erf) GELU, as the official ``tf.nn.gelu``."""
+
     def __init__(self, d_model: int, mlp_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(d_model, mlp_dim)
@@ -154,19 +159,18 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
 
-class _Residual(nn.Module):
-    """Shared dropout / drop-path bookkeeping of a pre-LN layer."""
+def maybe_drop_path(p: float) -> DropPath | None:
+    """A :class:`DropPath` module, or None when ``p`` is 0 (no mask is drawn at all)."""
+    return DropPath(p) if p > 0 else None
 
-    def _init_regularisers(self, dropout: float, drop_path: float) -> None:
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
+
+class _Residual(nn.Module):
+    """Drop-path bookkeeping of a pre-LN layer's residual branches."""
+
+    drop_path: DropPath | None
 
     def _branch(self, y: Tensor) -> Tensor:
-        if self.dropout is not None:
-            y = self.dropout(y)
-        if self.drop_path is not None:
-            y = self.drop_path(y)
-        return y
+        return y if self.drop_path is None else self.drop_path(y)
 
 
 class EncoderLayer(_Residual):
@@ -178,13 +182,14 @@ class EncoderLayer(_Residual):
         dropout: float = 0.0,
         drop_path: float = 0.0,
         impl: str = "auto",
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(d_model)
+        self.norm1 = nn.LayerNorm(d_model, eps=eps)
         self.attn = SelfAttention(d_model, heads, impl)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps)
         self.mlp = MLP(d_model, mlp_dim, dropout)
-        self._init_regularisers(dropout, drop_path)
+        self.drop_path = maybe_drop_path(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self._branch(self.attn(self.norm1(x)))
@@ -202,15 +207,16 @@ class DecoderLayer(_Residual):
         dropout: float = 0.0,
         drop_path: float = 0.0,
         impl: str = "auto",
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(d_model)
+        self.norm1 = nn.LayerNorm(d_model, eps=eps)
         self.self_attn = SelfAttention(d_model, heads, impl)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps)
         self.cross_attn = CrossAttention(d_model, heads, impl)
-        self.norm3 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model, eps=eps)
         self.mlp = MLP(d_model, mlp_dim, dropout)
-        self._init_regularisers(dropout, drop_path)
+        self.drop_path = maybe_drop_path(drop_path)
 
     def forward(
         self, x: Tensor, memory: Tensor, mask: Tensor | None = None, cross_bias: Tensor | None = None
@@ -234,12 +240,13 @@ class Encoder(nn.Module):
         dropout: float = 0.0,
         drop_path: float = 0.0,
         impl: str = "auto",
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model, heads, mlp_dim, dropout, drop_path, impl) for _ in range(num_layers)
+            EncoderLayer(d_model, heads, mlp_dim, dropout, drop_path, impl, eps) for _ in range(num_layers)
         )
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = nn.LayerNorm(d_model, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers:
@@ -259,12 +266,13 @@ class Decoder(nn.Module):
         dropout: float = 0.0,
         drop_path: float = 0.0,
         impl: str = "auto",
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            DecoderLayer(d_model, heads, mlp_dim, dropout, drop_path, impl) for _ in range(num_layers)
+            DecoderLayer(d_model, heads, mlp_dim, dropout, drop_path, impl, eps) for _ in range(num_layers)
         )
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = nn.LayerNorm(d_model, eps=eps)
         self.impl = impl
 
     def forward(self, x: Tensor, memory: Tensor, cross_bias: Tensor | None = None) -> Tensor:
@@ -426,17 +434,48 @@ def decoder_step(x: Tensor, cache: StepCache, cross_bias: Tensor | None = None) 
     return F.layer_norm(x, shape, cache.norm[0], cache.norm[1], eps)
 
 
+OFFICIAL_TWO_PI = 6.2831852  # the official code's normalisation_max (2 pi to 8 digits)
+
+
+def sincos_code(pos: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """``(n,)`` positions -> ``(n, dim)`` codes ``[sin(p w_k), cos(p w_k)]``, ``w_k = T^(-k / (dim/2))``,
+    ``k < dim/2``: sines then cosines, not interleaved (the official ``positional_encoding``)."""
+    half = dim // 2
+    omega = 1.0 / temperature ** (torch.arange(half, dtype=torch.float32, device=pos.device) / half)
+    angle = pos[:, None] * omega
+    return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+
+def grid_coords(n: int, normalize: bool, device: torch.device | None = None) -> Tensor:
+    """``(n,)`` coordinates of ``n`` feature cells: ``0..n-1``, or ``i / (n - 1) * 2 pi`` (normalised).
+
+    A single cell gets 0 (the official code divides by ``n - 1 = 0`` there and gets NaN).
+    """
+    c = torch.arange(n, dtype=torch.float32, device=device)
+    return c / max(n - 1, 1) * OFFICIAL_TWO_PI if normalize else c
+
+
 def sincos_2d(
-    h: int, w: int, dim: int, device: torch.device | None = None, temperature: float = 10000.0
+    h: int,
+    w: int,
+    dim: int,
+    device: torch.device | None = None,
+    temperature: float = 10000.0,
+    normalize: bool = False,
 ) -> Tensor:
-    """2-D sine-cosine positions ``(h * w, dim)`` in row-major order: [sin y, cos y, sin x, cos x]."""
+    """2-D sine-cosine positions ``(h * w, dim)`` in row-major order: [sin y, cos y, sin x, cos x].
+
+    ``normalize`` (the official ``add_vis_pos_emb`` with ``sin_cos``): coordinates ``i / (n-1) * 2 pi``
+    instead of cell indices, and a grid of one row or one column gets the 1-D code of the flat index
+    over all ``dim`` channels.
+    """
     if dim % 4:
         raise ValueError(f"model.d_model: 2-D sine-cosine positions need a multiple of 4, got {dim}")
-    q = dim // 4
-    omega = 1.0 / temperature ** (torch.arange(q, dtype=torch.float32, device=device) / q)
-    y = torch.arange(h, dtype=torch.float32, device=device)[:, None].expand(h, w).reshape(-1, 1) * omega
-    x = torch.arange(w, dtype=torch.float32, device=device)[None, :].expand(h, w).reshape(-1, 1) * omega
-    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
+    if normalize and (h == 1 or w == 1):
+        return sincos_code(grid_coords(h * w, True, device), dim, temperature)
+    y = sincos_code(grid_coords(h, normalize, device), dim // 2, temperature)  # (h, dim/2)
+    x = sincos_code(grid_coords(w, normalize, device), dim // 2, temperature)  # (w, dim/2)
+    return torch.cat([y[:, None].expand(h, w, -1), x[None].expand(h, w, -1)], dim=-1).reshape(h * w, dim)
 
 
 def sincos_1d(n: int, dim: int) -> Tensor:
@@ -481,6 +520,7 @@ __all__ = [
     "attention",
     "causal_mask",
     "init_weights",
+    "maybe_drop_path",
     "sincos_1d",
     "sincos_2d",
     "use_sdpa",
