@@ -15,13 +15,23 @@ OVERRIDES := $(foreach v,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subs
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
+# `setup`: the locked environment the pipeline needs (lean: what `make demo` installs);
+# `setup-official`: plus the `official` extra (tensorflow-cpu, to read the official TensorFlow
+# checkpoints: `pix2seq weights convert` and its tests). Both sync --inexact, so neither removes what
+# the other installed.
 setup: .venv/.synced  ## install uv when missing, then the locked environment
 .venv/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	$(UV) sync --locked
+	$(UV) sync --locked --inexact
 	@touch $@
 
-test: setup  ## run the test suite
+setup-official: .venv/.synced-official  ## setup + the `official` extra (TensorFlow, for `pix2seq weights convert`)
+.venv/.synced-official: pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --locked --inexact --extra official
+	@touch $@
+
+test: setup-official  ## run the test suite (installs the `official` extra)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup  ## ruff check + format check
@@ -44,7 +54,7 @@ ui: setup  ## the MLflow UI on the repo's store (mlflow.db) at http://127.0.0.1:
 	@case "$${MLFLOW_TRACKING_URI:-}" in http://*|https://*) echo "MLFLOW_TRACKING_URI is a tracking server: open $$MLFLOW_TRACKING_URI in a browser"; exit 0;; esac; \
 	.venv/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $${PORT:-5000}
 
-.PHONY: help setup test lint demo pipeline train eval ui
+.PHONY: help setup setup-official test lint demo pipeline train eval ui
 
 # `make predict IMAGES="a.jpg photos/" [MODEL=models:/pix2seq@champion|path/model.pt] [OUT=reports/predict]
 #  [DEVICE=auto|cpu|cuda] [SCORE=0.3] [eval.decoding=beam ...]`

@@ -2,6 +2,7 @@
 
     pix2seq predict IMAGE_OR_FOLDER... [--model PATH_OR_URI] [--out DIR] [--score-threshold 0.3]
                     [--device auto|cpu|cuda|cuda:N] [--batch-size 8] [--tracking-uri URI] [key.sub=value ...]
+    pix2seq weights convert CKPT_PREFIX --arch resnet|resnet-c --image-size N --out model.pt
 
 ``--model`` is a checkpoint (``best.pt``, the slim ``model.pt``), an MLflow model directory, or an
 MLflow URI: ``models:/pix2seq@champion`` (the default), ``models:/pix2seq/3``, ``runs:/<run id>/model``,
@@ -37,6 +38,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pix2seq.weights.commands import register as register_weights
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -532,7 +535,7 @@ def register_predict(subparsers: Any) -> None:
     p.set_defaults(func=cmd_predict)
 
 
-COMMANDS: list[Callable[[Any], None]] = [register_predict]
+COMMANDS: list[Callable[[Any], None]] = [register_predict, register_weights]
 
 
 def build_parser() -> argparse.ArgumentParser:
