@@ -31,7 +31,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _make(attention: str = "math", seed: int = 0, box_attention: bool = False):
+def _make(attention: str = "math", seed: int = 0, box_attention: bool = False, vocab: Vocab | None = None):
     torch.manual_seed(seed)
     cfg = Config()
     cfg.model = ModelConfig(
@@ -49,7 +49,7 @@ def _make(attention: str = "math", seed: int = 0, box_attention: bool = False):
     )
     cfg.tokenizer.bins = BINS
     cfg.tokenizer.max_instances = MAX_INSTANCES
-    vocab = Vocab(NUM_CLASSES, BINS)
+    vocab = vocab or Vocab(NUM_CLASSES, BINS)
     model, _ = build_model(cfg, vocab)
     with torch.no_grad():
         for name, m in model.named_modules():
@@ -143,7 +143,7 @@ def _sequence_logprob(model, imgs, vocab, tokens):
 
     coord_bias, class_bias = _position_biases(vocab, imgs.device)
     with torch.no_grad():
-        prefix = torch.cat([torch.ones_like(tokens[:, :1]), tokens[:, :-1]], 1)
+        prefix = torch.cat([torch.full_like(tokens[:, :1], vocab.prompt), tokens[:, :-1]], 1)
         logits = model(imgs, prefix).float()
         bias = torch.stack([class_bias if i % 5 == 4 else coord_bias for i in range(tokens.shape[1])])
         logp = (logits + bias).log_softmax(-1)
@@ -156,7 +156,7 @@ def _teacher_forced_logits(model, imgs, vocab, tokens):
 
     coord_bias, class_bias = _position_biases(vocab, imgs.device)
     with torch.no_grad():
-        prefix = torch.cat([torch.ones_like(tokens[:, :1]), tokens[:, :-1]], 1)
+        prefix = torch.cat([torch.full_like(tokens[:, :1], vocab.prompt), tokens[:, :-1]], 1)
         logits = model(imgs, prefix).float()
     return logits + torch.stack([class_bias if i % 5 == 4 else coord_bias for i in range(tokens.shape[1])])
 
@@ -223,6 +223,23 @@ def test_constrained_positions(model_vocab, imgs, method):
     assert vocab.is_coord(out.tokens[:, coord_pos]).all()
     cls = out.tokens[:, class_pos]
     assert (vocab.is_class(cls) | (cls == NOISE)).all()
+
+
+def test_official_vocabulary_generation(imgs):
+    """tokenizer.vocab: official: prompt 10, classes 100 + id in label order, NOISE 30; class_probs
+    are the class tokens' probabilities in label order, and the caches agree."""
+    ids = [{"id": 1}, {"id": 44}, {"id": 90}, {"id": 5}]
+    vocab = Vocab.for_categories(ids, BINS, layout="official")
+    model, _ = _make(vocab=vocab)
+    out = generate(model, imgs, vocab, N)
+    _assert_same(out, generate(model, imgs, vocab, N, cache="none"))
+    cls = out.tokens[:, 4::5]
+    assert (vocab.is_class(cls) | (cls == 30)).all() and vocab.is_coord(
+        out.tokens.view(3, N, 5)[..., :4]
+    ).all()
+    logits = _teacher_forced_logits(model, imgs, vocab, out.tokens).view(3, N, 5, -1)[:, :, 4]
+    want = logits.softmax(-1)[..., [101, 144, 190, 105]]
+    torch.testing.assert_close(out.class_probs, want, atol=1e-5, rtol=1e-4)
 
 
 def test_nucleus_is_reproducible_and_seeded(model_vocab, imgs):

@@ -35,6 +35,9 @@ from pix2seq.weights.convert import (
 )
 
 tf = pytest.importorskip("tensorflow", reason="needs the 'official' extra (uv sync --extra official)")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities:DeprecationWarning"
+)
 ATOL = 1e-5
 
 
@@ -271,15 +274,24 @@ def test_wrong_architecture_and_bad_files_fail_with_one_line(resnet_tensors, tmp
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_the_cli_converts(tmp_path, capsys):
+def test_the_cli_converts_and_predict_reads_the_file(tmp_path, capsys):
+    import json
+
+    from torchvision.io import write_png
+
     from pix2seq.cli import main
 
     prefix = write_checkpoint(tmp_path / "ckpt", random_values(official_variables("resnet")))
     out = tmp_path / "official.pt"
-    assert (
-        main(["weights", "convert", prefix, "--arch", "resnet", "--image-size", "96", "--out", str(out)]) == 0
-    )
+    args = ["weights", "convert", prefix, "--arch", "resnet", "--image-size", "96", "--out", str(out)]
+    assert main(args) == 0
     assert out.is_file() and "wrote" in capsys.readouterr().out
+    # pix2seq predict on the converted file: the official pixels, vocabulary and COCO categories
+    write_png(torch.randint(0, 256, (3, 50, 80), dtype=torch.uint8), str(tmp_path / "a.png"))
+    args = ["predict", str(tmp_path / "a.png"), "--model", str(out), "--out", str(tmp_path / "pred")]
+    assert main([*args, "--device", "cpu", "--score-threshold", "0", "tokenizer.max_instances=3"]) == 0
+    (entry,) = json.loads((tmp_path / "pred" / "detections.json").read_text())["images"]
+    assert len(entry["boxes"]) == 3 and set(entry["category_ids"]) <= set(range(1, 91))
     assert main(["weights", "convert", str(tmp_path / "no"), "--arch", "resnet", "--image-size", "96", "--out", str(out)]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert err.startswith("pix2seq weights convert: error:") and "\n" not in err
