@@ -307,3 +307,13 @@ def test_make_predict_target_passes_arguments():
         and cmd.rstrip().endswith("eval.decoding=beam")
     )
     assert cmd.count("data/b.jpg") == 1
+
+
+def test_weights_convert_without_tensorflow_names_the_extra(tmp_path, capsys, monkeypatch):
+    """`pix2seq weights convert` without the `official` extra: one line saying what to install."""
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` raises ImportError
+    args = ["weights", "convert", str(tmp_path / "ckpt"), "--arch", "resnet", "--image-size", "64"]
+    assert main([*args, "--out", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pix2seq weights convert: error:") and "\n" not in err
+    assert "'official' extra: uv sync --extra official" in err and not (tmp_path / "m.pt").exists()
