@@ -8,20 +8,22 @@ from __future__ import annotations
 import logging
 import sys
 
-from pix2seq.config import ConfigError, config_from_argv
-from pix2seq.data.download import DownloadError, run_download
+from pix2seq.config import config_from_argv
+from pix2seq.errors import run_entry_point
+
+
+def run(argv: list[str]) -> int:
+    cfg = config_from_argv(argv, usage=__doc__)  # a bad key fails before the heavy imports
+    from pix2seq.data.download import run_download
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = run_download(cfg)
+    print(f"download: {summary['source']} dataset ready in {summary['root']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_argv(sys.argv[1:] if argv is None else argv)
-        summary = run_download(cfg)
-    except (ConfigError, DownloadError) as e:
-        print(f"download: error: {e}", file=sys.stderr)
-        return 1
-    print(f"download: {summary['source']} dataset ready in {summary['root']}")
-    return 0
+    return run_entry_point("download", lambda: run(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

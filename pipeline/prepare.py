@@ -9,20 +9,18 @@ from __future__ import annotations
 import logging
 import sys
 
-from pix2seq.config import ConfigError, config_from_argv
-from pix2seq.data.prepare import PrepareError, run_prepare
+from pix2seq.config import config_from_argv
+from pix2seq.errors import run_entry_point
 
 REPORT = "reports/prepare.json"
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str]) -> int:
+    cfg = config_from_argv(argv, usage=__doc__)  # a bad key fails before the heavy imports
+    from pix2seq.data.prepare import run_prepare
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_argv(sys.argv[1:] if argv is None else argv)
-        report = run_prepare(cfg, REPORT)
-    except (ConfigError, PrepareError) as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 1
+    report = run_prepare(cfg, REPORT)
     splits = [k for k in report if isinstance(report[k], dict)]
     for s in splits:
         r = report[s]
@@ -32,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"prepare: report in {REPORT}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry_point("prepare", lambda: run(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

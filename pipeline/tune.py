@@ -19,11 +19,11 @@ import sys
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from pix2seq.config import ConfigError, load_config  # noqa: E402
+from pix2seq.config import load_config  # noqa: E402
+from pix2seq.errors import Pix2SeqError, run_entry_point  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -53,11 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.params, args.overrides)  # fail on a bad key before starting processes
-    except ConfigError as e:
-        print(f"tune: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.params, args.overrides)  # fail on a bad key before starting processes
 
     from pix2seq import tuning
 
@@ -68,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.best_overrides:
         try:
             print(" ".join(tuning.best_overrides(cfg.tune.output)))
-        except (OSError, ValueError) as e:
-            print(f"tune: error: {e}", file=sys.stderr)
-            return 1
+        except ValueError as e:  # malformed JSON or a missing key: one line naming the file
+            msg = str(e) if str(e).startswith(cfg.tune.output) else f"{cfg.tune.output}: not valid JSON ({e})"
+            raise Pix2SeqError(msg) from None
         return 0
 
     from pix2seq.launch import relaunch_under_torchrun
@@ -105,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         f"train.batch_repeat={b['train.batch_repeat']}" + (f" -> {summary.output}" if summary.output else "")
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry_point("tune", lambda: run(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

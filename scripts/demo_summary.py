@@ -7,8 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+from pix2seq.errors import run_entry_point
 
-def main() -> None:
+
+def summary() -> None:
     started = float(sys.argv[1]) if len(sys.argv) > 1 else None
     metrics = json.loads(Path("reports/eval/metrics.json").read_text())
     print("\n=== Stable-Pix2Seq demo ===")
@@ -34,5 +36,9 @@ def main() -> None:
     print("  reports/eval/predictions.png validation images with predicted (colour) and true (green) boxes")
 
 
+def main() -> int:
+    return run_entry_point("demo_summary", summary)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,7 @@ from pix2seq.data.download import run_download
 from pix2seq.data.loaders import load_detection_data
 from pix2seq.data.prepare import run_prepare
 from pix2seq.engine import predict_batches
+from pix2seq.errors import run_entry_point
 from pix2seq.evaluation.coco import coco_evaluate
 from pix2seq.evaluation.report import load_trained_model
 from pix2seq.launch import relaunch_under_torchrun
@@ -128,4 +129,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point("learn_proof", lambda: main() and 0))

@@ -111,7 +111,7 @@ def test_read_image_formats(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(ImageReadError, match=r"empty\.png: empty file"):
         read_image(tmp_path / "empty.png")
-    with pytest.raises(ImageReadError, match="no such image file"):
+    with pytest.raises(ImageReadError, match="missing.png: no such file"):
         read_image(tmp_path / "missing.png")
 
 

@@ -42,13 +42,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from pix2seq.config import current_umask
+from pix2seq.config import Config, ConfigError, config_from_dict, current_umask
+from pix2seq.errors import Pix2SeqError
+from pix2seq.files import FileReadError, open_regular
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "MODEL_ENTRIES",
+    "TRAINING_ENTRIES",
     "CheckpointError",
     "CheckpointManager",
+    "check_entries",
+    "config_from_checkpoint",
     "capture_rng_state",
     "check_weights_only_safe",
     "load_checkpoint",
@@ -59,7 +65,7 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Pix2SeqError, RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file (or the key)."""
 
 
@@ -224,29 +230,108 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any], *, check: bool = T
     return p
 
 
-def load_checkpoint(path: PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+# What a model file (the slim model.pt) and a training checkpoint hold, by entry and type.
+MODEL_ENTRIES = ("model", "config", "vocab", "categories")
+TRAINING_ENTRIES = (*MODEL_ENTRIES, "optimizer", "scheduler", "scaler", "rng", "epoch", "global_step")
+_ENTRY_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (dict, OrderedDict),
+    "config": (dict,),
+    "vocab": (dict,),
+    "categories": (list,),
+    "optimizer": (dict,),
+    "scheduler": (dict,),
+    "scaler": (dict,),
+    "rng": (list, dict),
+    "epoch": (int,),
+    "global_step": (int,),
+}
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
+
+
+def _load_failure(e: Exception, head: bytes, size: int) -> str:
+    """What a failed ``torch.load(weights_only=True)`` means, in the user's terms (torch's own
+    message suggests ``weights_only=False``: the one thing never to do with a file that fails here)."""
+    text = str(e)
+    # random bytes also fail as "Weights only load failed" (an unknown pickle opcode): only a
+    # reference to a Python global means a pickle that wants to build objects
+    if "unsupported global" in text.lower():
+        m = re.search(r"(?i)unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", text)
+        what = f" ({m.group(1)})" if m else ""
+        return (
+            f"refused: it holds Python objects{what}, not only tensors and plain data; loading it could "
+            "run code, and no checkpoint pix2seq writes does"
+        )
+    if head.startswith(_ZIP_MAGIC):
+        return f"corrupt or truncated checkpoint ({size} bytes); write it again or use an earlier one"
+    return f"not a checkpoint (not a file torch.save writes; {size} bytes)"
+
+
+def check_entries(state: Mapping[str, Any], path: PathLike, names: Sequence[str]) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` when an entry in ``names`` is missing or of the
+    wrong type (a file from another program, or a crafted one)."""
+    for name in names:
+        if name not in state:
+            raise CheckpointError(f"{path}: not a pix2seq checkpoint (no '{name}' entry)")
+        want = _ENTRY_TYPES.get(name)
+        value = state[name]
+        if want is not None and (not isinstance(value, want) or isinstance(value, bool)):
+            raise CheckpointError(
+                f"{path}: not a pix2seq checkpoint (entry '{name}' is a {type(value).__name__}, "
+                f"expected a {' or '.join('mapping' if t in (dict, OrderedDict) else t.__name__ for t in want)})"
+            )
+
+
+def load_checkpoint(
+    path: PathLike, map_location: str | torch.device | None = "cpu", required: Sequence[str] = ()
+) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` (never runs code from the file).
 
-    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` naming the file
-    when it is truncated/corrupt or holds objects a ``weights_only`` load refuses.
+    Only a regular file is read (a FIFO or device is refused, see :mod:`pix2seq.files`). Raises
+    ``FileNotFoundError`` for a missing file and :class:`CheckpointError` naming the file when it
+    is not readable, empty, not a checkpoint, corrupt or truncated, holds objects a safe load
+    refuses, or lacks one of the ``required`` entries (e.g. :data:`MODEL_ENTRIES`).
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"{p}: checkpoint not found")
     try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # zip/pickle errors come as RuntimeError, UnpicklingError, EOFError...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights only load failed" in str(e).lower() or "unsupported global" in str(e).lower():
-            reason = (
-                "it holds objects a weights_only load refuses (not a checkpoint written by save_checkpoint?)"
-            )
-        else:
-            reason = f"the file is corrupt or truncated (size {p.stat().st_size} bytes)"
-        raise CheckpointError(f"{p}: cannot load checkpoint: {reason}: {type(e).__name__}: {first}") from e
+        with open_regular(p) as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(len(_ZIP_MAGIC))
+            if not head:
+                raise CheckpointError(f"{p}: empty file (0 bytes), not a checkpoint")
+            f.seek(0)
+            try:
+                state = torch.load(f, map_location=map_location, weights_only=True)
+            except Exception as e:  # zip/pickle errors come as RuntimeError, UnpicklingError, EOFError...
+                raise CheckpointError(f"{p}: {_load_failure(e, head, size)}") from e
+    except FileReadError as e:
+        raise CheckpointError(f"{e} (expected a checkpoint)") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{p}: expected a dict checkpoint, got {type(state).__name__}")
+        raise CheckpointError(f"{p}: not a pix2seq checkpoint (holds a {type(state).__name__}, not a dict)")
+    check_entries(state, p, required)
     return state
+
+
+def config_from_checkpoint(
+    ckpt: Mapping[str, Any],
+    path: PathLike,
+    overrides: list[str] | None = None,
+    replace: Mapping[str, Any] | None = None,
+) -> Config:
+    """The config ``ckpt`` was trained with, its sections in ``replace`` swapped for the caller's,
+    then ``overrides`` applied.
+
+    A stored config that does not load (a crafted file, another version's keys) is a
+    :class:`CheckpointError` naming ``path``; a bad override stays the caller's :class:`ConfigError`.
+    """
+    check_entries(ckpt, path, ("config",))
+    values = {**ckpt["config"], **(replace or {})}
+    try:
+        cfg = config_from_dict(values)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its stored config does not load here ({e})") from None
+    return config_from_dict(values, overrides) if overrides else cfg
 
 
 # --------------------------------------------------------------------------------------- manager
@@ -361,18 +446,24 @@ class CheckpointManager:
             yield p
 
     def load_latest(
-        self, map_location: str | torch.device | None = "cpu"
+        self, map_location: str | torch.device | None = "cpu", required: Sequence[str] = ()
     ) -> tuple[Path, dict[str, Any]] | None:
-        """Load the newest readable checkpoint, skipping (and logging) corrupt ones; None if none."""
+        """Load the newest readable checkpoint, skipping (and logging) damaged ones; None if none.
+
+        Raises :class:`CheckpointError` (one line, pointing at ``train.resume=never``) when there are
+        checkpoints but none can be read.
+        """
         errors = []
         for p in self.candidates():
             try:
-                return p, load_checkpoint(p, map_location)
+                return p, load_checkpoint(p, map_location, required)
             except CheckpointError as e:
                 log.warning("skipping unreadable checkpoint: %s", e)
                 errors.append(str(e))
         if errors:
+            more = f"; {len(errors) - 1} more unreadable" if len(errors) > 1 else ""
             raise CheckpointError(
-                "no readable checkpoint in " + str(self.dir) + ":\n  " + "\n  ".join(errors)
+                f"no readable checkpoint to resume from in {self.dir}: {errors[0]}{more}; repair or remove "
+                "them, or set train.resume=never to start a new run (they are then moved aside, not deleted)"
             )
         return None

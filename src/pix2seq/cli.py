@@ -39,10 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pix2seq.errors import Pix2SeqError, run_entry_point
+from pix2seq.files import regular_file_problem
 from pix2seq.weights.commands import register as register_weights
 
 EXIT_OK = 0
-EXIT_ERROR = 2
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DEFAULT_MODEL = "models:/pix2seq@champion"
 CHECKPOINT_ARTIFACT = "checkpoint"  # pix2seq.serving.ARTIFACT (not imported: that pulls in mlflow.pyfunc)
@@ -50,7 +51,7 @@ _OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+=")
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
-class CliError(Exception):
+class CliError(Pix2SeqError):
     """A user-facing error: printed as one line, exit status 2."""
 
 
@@ -252,8 +253,12 @@ def collect_images(inputs: Sequence[str]) -> Collected:
                 )
             for f in found:
                 add(f, f.relative_to(p))
-        elif p.exists():
-            add(p, Path(p.name))
+        elif p.exists() or p.is_symlink():
+            problem = regular_file_problem(p)  # a FIFO or device is refused here, never opened
+            if problem:
+                out.missing.append((raw, problem))
+            else:
+                add(p, Path(p.name))
         else:
             out.missing.append((raw, "no such file or directory"))
     return out
@@ -448,6 +453,7 @@ def _run_predictions(
     backend: Any, jobs: list[ImageJob], args: argparse.Namespace, out: Path, errors: list[dict[str, str]]
 ) -> list[dict]:
     from pix2seq.evaluation.plots import draw_detections
+    from pix2seq.files import FileReadError, read_regular
     from pix2seq.inference import ImageReadError, read_image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -456,16 +462,12 @@ def _run_predictions(
         ok, images, raw = [], [], []
         for job in chunk:
             try:
-                data = job.path.read_bytes()
+                data = read_regular(job.path)  # regular files only: a FIFO swapped in is not read
                 images.append(read_image(data))
-            except ImageReadError as e:
-                msg = _first_line(e).removeprefix("<bytes>: ")
+            except (ImageReadError, FileReadError) as e:
+                msg = _first_line(e).removeprefix("<bytes>: ").removeprefix(f"{job.path}: ")
                 errors.append({"file": str(job.path), "error": msg})
                 print(f"pix2seq predict: error: {job.path}: {msg}", file=sys.stderr)
-                continue
-            except OSError as e:
-                errors.append({"file": str(job.path), "error": f"cannot read ({e.strerror or e})"})
-                print(f"pix2seq predict: error: {job.path}: cannot read ({e.strerror or e})", file=sys.stderr)
                 continue
             ok.append(job)
             raw.append(data)
@@ -556,17 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.inputs = [*args.inputs, *extra]
-    try:
-        return int(args.func(args) or 0)
-    except CliError as e:
-        print(f"pix2seq {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as e:  # e.g. --out not writable: the message names the path
-        print(f"pix2seq {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"pix2seq {args.command}: interrupted", file=sys.stderr)
-        return 130
+    # config, checkpoint and file errors (e.g. --out not writable): one line naming what, status 2
+    return run_entry_point(f"pix2seq {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ with a :class:`ConfigError` whose message names the offending key (``train.lr``)
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import types
@@ -18,9 +19,15 @@ from typing import Any, Literal
 
 import yaml
 
+from pix2seq.errors import Pix2SeqError
+from pix2seq.files import FileReadError, read_regular
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message starts with the dotted key."""
+# data.generated draws one shape per class (pix2seq.data.synthetic.SHAPES); a test keeps them equal
+GENERATED_MAX_CLASSES = 10
+
+
+class ConfigError(Pix2SeqError, ValueError):
+    """A bad configuration value; the message starts with the dotted key (or the file)."""
 
 
 @dataclass
@@ -300,11 +307,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             # PyYAML (YAML 1.1) reads "1e-3" as a string; accept it as the number it spells
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -348,13 +357,34 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         key = key.strip()
         if not key:
             raise ConfigError(f"{item}: empty key")
-        out.append((key, yaml.safe_load(raw) if raw != "" else ""))
+        out.append((key, _parse_value(key, raw)))
     return out
 
 
+def _parse_value(key: str, raw: str) -> Any:
+    """The YAML value of an override; a YAML error names the key (``train.lr: not valid YAML: ...``)."""
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: not valid YAML: {_yaml_problem(e)} in {raw!r}") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where (line/column)."""
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
-    tree = dict(values or {})
-    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy through plain types
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(values).__name__}")
+    try:
+        tree = yaml.safe_load(yaml.safe_dump(dict(values or {})))  # deep copy through plain types
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: holds a value that is not plain data ({_yaml_problem(e)})") from None
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree)
@@ -368,19 +398,34 @@ def load_config(
     """Read ``path`` (YAML), apply ``overrides`` and validate. ``path=None``: defaults only."""
     values: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if not isinstance(values, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping")
+        values = _read_yaml_mapping(Path(path))
     try:
         return config_from_dict(values, overrides)
     except ConfigError as e:
         raise ConfigError(f"{e} (in {path})" if path else str(e)) from None
+
+
+def _read_yaml_mapping(p: Path) -> dict[str, Any]:
+    """A params file's top-level mapping; every way the file can be wrong is one line naming it."""
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = read_regular(p, allow_empty=True)
+    except FileReadError as e:
+        raise ConfigError(f"{e} (expected a YAML config file)") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a YAML text file (byte {e.start} is not UTF-8)") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(values).__name__}")
+    return values
 
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
@@ -425,7 +470,8 @@ def num_specials() -> int:
 
 
 def validate(cfg: Config) -> None:
-    """Impossible values fail here, named by key."""
+    """Impossible values fail here, named by key: first the rules of each key, then the rules that
+    hold for every key (:func:`check_every_key`), so a key added later is covered too."""
     d, g, t, m, tr, e, tu = (
         cfg.data,
         cfg.data.generated,
@@ -444,13 +490,20 @@ def validate(cfg: Config) -> None:
         "need positive sizes",
     )
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(g.image_size >= 32, "data.generated.image_size", "must be >= 32")
     _check(
-        g.num_train >= 1 and g.num_val >= 1,
-        "data.generated.num_train",
-        "need at least one train and val image",
+        d.train_split != d.val_split,
+        "data.val_split",
+        f"must differ from data.train_split ({d.train_split!r})",
     )
-    _check(g.num_classes >= 1, "data.generated.num_classes", "must be >= 1")
+    _check(g.image_size >= 32, "data.generated.image_size", "must be >= 32")
+    _check(g.num_train >= 1, "data.generated.num_train", "need at least one training image")
+    _check(g.num_val >= 1, "data.generated.num_val", "need at least one validation image")
+    _check(
+        1 <= g.num_classes <= GENERATED_MAX_CLASSES,
+        "data.generated.num_classes",
+        f"must be in [1, {GENERATED_MAX_CLASSES}] (one shape per class), got {g.num_classes}",
+    )
+    _check(g.max_objects >= 1, "data.generated.max_objects", "must be >= 1 (images need boxes to train on)")
     _check(
         0 <= g.min_objects <= g.max_objects,
         "data.generated.min_objects",
@@ -461,9 +514,21 @@ def validate(cfg: Config) -> None:
         "data.generated.max_object_size",
         "need 2 <= min_object_size <= max_object_size < image_size",
     )
-    _check(d.download.workers >= 1, "data.download.workers", "must be >= 1")
-    _check(d.download.max_train_images >= 0, "data.download.max_train_images", "must be >= 0")
+    dl = d.download
+    _check(
+        dl.base_url.startswith(("http://", "https://", "file://")),
+        "data.download.base_url",
+        f"must be an http://, https:// or file:// URL, got {dl.base_url!r}",
+    )
+    _check(dl.workers >= 1, "data.download.workers", "must be >= 1")
+    _check(dl.max_train_images >= 0, "data.download.max_train_images", "must be >= 0")
+    _check(dl.timeout_s > 0, "data.download.timeout_s", f"must be > 0 seconds, got {dl.timeout_s:g}")
     _check(0.0 <= d.prepare.max_bad_fraction <= 1.0, "data.prepare.max_bad_fraction", "must be in [0, 1]")
+    _check(
+        d.prepare.min_box_size >= 0,
+        "data.prepare.min_box_size",
+        f"must be >= 0 pixels, got {d.prepare.min_box_size:g}",
+    )
 
     _check(t.bins >= 2, "tokenizer.bins", f"must be >= 2, got {t.bins}")
     _check(t.max_instances >= 1, "tokenizer.max_instances", "must be >= 1")
@@ -486,10 +551,12 @@ def validate(cfg: Config) -> None:
             f"{num_specials()} special tokens (needs {need})",
         )
 
-    _check(m.d_model > 0 and m.heads > 0, "model.d_model", "must be positive")
+    _check(m.d_model > 0, "model.d_model", f"must be positive, got {m.d_model}")
+    _check(m.heads > 0, "model.heads", f"must be positive, got {m.heads}")
     _check(
         m.d_model % m.heads == 0, "model.heads", f"d_model {m.d_model} is not divisible by heads {m.heads}"
     )
+    _check(m.mlp_dim >= 1, "model.mlp_dim", "must be >= 1")
     _check(m.encoder_layers >= 0, "model.encoder_layers", "must be >= 0")
     _check(m.decoder_layers >= 1, "model.decoder_layers", "must be >= 1")
     _check(m.pos_temperature > 1.0, "model.pos_temperature", f"must be > 1, got {m.pos_temperature}")
@@ -520,18 +587,62 @@ def validate(cfg: Config) -> None:
     _check(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     _check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(tr.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
-    _check(tr.eval_every_epochs >= 0, "train.eval_every_epochs", "must be >= 0")
+    _check(tr.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {tr.log_every_steps}")
+    _check(
+        tr.eval_every_epochs >= 0,
+        "train.eval_every_epochs",
+        "must be >= 0 (0: only on the clock / at the end)",
+    )
+    _check(tr.eval_every_minutes >= 0, "train.eval_every_minutes", "must be >= 0 (0: off)")
 
     _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _check(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
     _check(e.temperature > 0, "eval.temperature", "must be positive")
     _check(e.beam_size >= 1, "eval.beam_size", "must be >= 1")
     _check(0.0 <= e.coord_window <= 1.0, "eval.coord_window", "must be in [0, 1]")
+    _check(e.num_vis >= 0, "eval.num_vis", "must be >= 0")
 
     _check(0 < tu.lr_min <= tu.lr_max, "tune.lr_min", "need 0 < lr_min <= lr_max")
     _check(1 <= tu.repeat_min <= tu.repeat_max, "tune.repeat_min", "need 1 <= repeat_min <= repeat_max")
     _check(tu.n_trials >= 1, "tune.n_trials", "must be >= 1")
-    _check(tu.timeout_minutes >= 0 and tu.trial_minutes >= 0, "tune.trial_minutes", "must be >= 0")
+    _check(tu.timeout_minutes >= 0, "tune.timeout_minutes", "must be >= 0 (0: no timeout)")
+    _check(tu.trial_minutes >= 0, "tune.trial_minutes", "must be >= 0")
+    _check(tu.trial_epochs >= 0, "tune.trial_epochs", "must be >= 0")
+    _check(tu.heartbeat_s >= 0, "tune.heartbeat_s", "must be >= 0 (0: no heartbeats)")
+    _check(
+        "://" in tu.storage,
+        "tune.storage",
+        f"must be a database URL such as sqlite:///optuna.db or postgresql://user@host/db, got {tu.storage!r}",
+    )
+    check_every_key(cfg)
+
+
+# Numeric keys that may be negative (none today); every other number must be >= 0.
+SIGNED_KEYS: frozenset[str] = frozenset()
+
+
+def check_every_key(cfg: Config) -> None:
+    """The rules every key obeys, whatever its section, including keys added later.
+
+    - numbers are finite (checked on load) and not negative, unless listed in :data:`SIGNED_KEYS`;
+    - strings hold no NUL or line break (they are paths, URLs and names);
+    - a string or list whose default is not empty may not be empty (empty defaults mean "unset").
+    """
+    defaults = Config().flat()
+    for key, value in cfg.flat().items():
+        items = value if isinstance(value, list) else [value]
+        for i, v in enumerate(items):
+            where = f"{key}[{i}]" if isinstance(value, list) else key
+            if isinstance(v, int | float) and not isinstance(v, bool) and key not in SIGNED_KEYS:
+                _check(v >= 0, where, f"must be >= 0, got {v}")
+            if isinstance(v, str):
+                _check(
+                    not any(c in v for c in "\x00\r\n"),
+                    where,
+                    f"must not hold a NUL or line break, got {v!r}",
+                )
+        if isinstance(value, str | list) and not value and defaults.get(key):
+            _check(False, key, f"must not be empty (default {defaults[key]!r})")
 
 
 def config_from_argv(argv: list[str], usage: str | None = None) -> Config:

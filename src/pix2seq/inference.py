@@ -10,17 +10,18 @@ from typing import Any
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from pix2seq.checkpoint import load_checkpoint
-from pix2seq.config import config_from_dict
+from pix2seq.checkpoint import MODEL_ENTRIES, config_from_checkpoint, load_checkpoint
 from pix2seq.data.transforms import canvas_pad_value, eval_transform
 from pix2seq.decoding import generate
 from pix2seq.engine import autocast_dtype
+from pix2seq.errors import Pix2SeqError
+from pix2seq.files import FileReadError, read_regular
 from pix2seq.model import build_model
 from pix2seq.tokenizer import tokens_to_detections
 from pix2seq.vocab import Vocab
 
 
-class ImageReadError(ValueError):
+class ImageReadError(Pix2SeqError, ValueError):
     """An input image could not be read or decoded; the message names it."""
 
 
@@ -44,13 +45,10 @@ def read_image(source: str | os.PathLike[str] | bytes) -> torch.Tensor:
     if isinstance(source, bytes | bytearray):
         data = bytes(source)
     else:
-        p = Path(source)
-        if not p.is_file():
-            raise ImageReadError(f"{name}: no such image file")
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise ImageReadError(f"{name}: cannot read ({e.strerror or e})") from None
+        try:  # regular files only: a FIFO or device given as an image is refused, never read
+            data = read_regular(source, allow_empty=True)
+        except FileReadError as e:
+            raise ImageReadError(str(e)) from None
     if not data:
         raise ImageReadError(f"{name}: empty file")
     try:
@@ -120,8 +118,8 @@ class Predictor:
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: model checkpoint not found")
-        ckpt = load_checkpoint(path, map_location="cpu")
-        self.cfg = config_from_dict(ckpt["config"], overrides)
+        ckpt = load_checkpoint(path, map_location="cpu", required=MODEL_ENTRIES)
+        self.cfg = config_from_checkpoint(ckpt, path, overrides)
         self.vocab = Vocab(**ckpt["vocab"])
         self.categories: list[dict[str, Any]] = list(ckpt["categories"])
         self.device = resolve_device(device)

@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from pix2seq.errors import Pix2SeqError
+
 
 def wanted_processes() -> int:
     env = os.environ.get("GPUS", "").strip()
@@ -19,11 +21,11 @@ def wanted_processes() -> int:
         try:
             n = int(env)
         except ValueError:
-            raise SystemExit(f"GPUS: expected a number of processes, got {env!r}") from None
+            raise Pix2SeqError(f"GPUS: expected a number of processes, got {env!r}") from None
         if n < 1:
-            raise SystemExit(f"GPUS: must be >= 1, got {n}")
+            raise Pix2SeqError(f"GPUS: must be >= 1, got {n}")
         if n > 1 and torch.cuda.is_available() and n > torch.cuda.device_count():
-            raise SystemExit(f"GPUS={n}, but only {torch.cuda.device_count()} CUDA devices are visible")
+            raise Pix2SeqError(f"GPUS={n}, but only {torch.cuda.device_count()} CUDA devices are visible")
         return n
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 

@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import mlflow.pyfunc
 import torch
 
-from pix2seq.checkpoint import load_checkpoint, save_checkpoint
+from pix2seq.checkpoint import MODEL_ENTRIES, load_checkpoint, save_checkpoint
 from pix2seq.config import Config
 
 ARTIFACT = "checkpoint"
@@ -40,8 +40,8 @@ _SRC = Path(__file__).resolve().parent
 
 def export_model_file(checkpoint: str | Path, dest: str | Path) -> Path:
     """A training checkpoint -> a slim file (weights, config, vocab, categories; no optimizer state)."""
-    ckpt = load_checkpoint(checkpoint, map_location="cpu")
-    slim = {k: ckpt[k] for k in ("model", "config", "vocab", "categories")}
+    ckpt = load_checkpoint(checkpoint, map_location="cpu", required=MODEL_ENTRIES)
+    slim = {k: ckpt[k] for k in MODEL_ENTRIES}
     slim.update({k: ckpt[k] for k in ("global_step", "best_metric") if k in ckpt})
     slim["model"] = {k: v.float() if torch.is_floating_point(v) else v for k, v in slim["model"].items()}
     return save_checkpoint(dest, slim)

@@ -25,10 +25,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from pix2seq.config import GeneratedDataConfig, atomic_write_text
+from pix2seq.config import GENERATED_MAX_CLASSES, ConfigError, GeneratedDataConfig, atomic_write_text
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon", "bar", "half-disc"]
 MAX_CLASSES = len(SHAPES)
+assert MAX_CLASSES == GENERATED_MAX_CLASSES, "config.GENERATED_MAX_CLASSES must count SHAPES"
 _SPLIT_SEED = {"train": 1, "val": 2}
 
 
@@ -181,7 +182,7 @@ def write_split(cfg: GeneratedDataConfig, root: Path, split: str, count: int) ->
     temporary directory that replaces the split directory only when complete.
     """
     if cfg.num_classes > MAX_CLASSES:
-        raise ValueError(
+        raise ConfigError(
             f"data.generated.num_classes: at most {MAX_CLASSES} shapes exist, got {cfg.num_classes}"
         )
     root = Path(root)

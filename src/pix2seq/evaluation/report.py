@@ -16,10 +16,17 @@ from typing import Any
 from torch import nn
 
 from pix2seq import distributed as dist
-from pix2seq.checkpoint import CheckpointManager, load_checkpoint
-from pix2seq.config import Config, atomic_write_text, config_from_dict
+from pix2seq.checkpoint import (
+    MODEL_ENTRIES,
+    CheckpointError,
+    CheckpointManager,
+    config_from_checkpoint,
+    load_checkpoint,
+)
+from pix2seq.config import Config, atomic_write_text
 from pix2seq.data.loaders import load_detection_data
 from pix2seq.engine import evaluate_model
+from pix2seq.errors import Pix2SeqError
 from pix2seq.evaluation.plots import draw_detections, plot_pr_curve, save_grid, write_per_class_table
 from pix2seq.model import build_model
 from pix2seq.tracking import RunTracker
@@ -37,22 +44,21 @@ def checkpoint_for(cfg: Config) -> Path:
     return manager.best_path if manager.best_path.exists() else manager.last_path
 
 
-def model_config(cfg: Config, stored: dict[str, Any]) -> Config:
-    """The stored run's model and tokenizer with this run's data and evaluation settings."""
-    merged = dict(stored)
-    merged["data"] = cfg.to_dict()["data"]
-    merged["eval"] = cfg.to_dict()["eval"]
-    return config_from_dict(merged)
-
-
 def load_trained_model(cfg: Config, path: Path) -> tuple[nn.Module, Vocab, Config, dict[str, Any]]:
     """``(model, vocab, config, checkpoint)``: the checkpoint's network on the CPU, its vocabulary,
-    and its model/tokenizer config with ``cfg``'s data and evaluation settings (:func:`model_config`)."""
-    ckpt = load_checkpoint(path, map_location="cpu")
-    mcfg = model_config(cfg, ckpt["config"])
+    and its stored model/tokenizer config with ``cfg``'s data and evaluation settings."""
+    ckpt = load_checkpoint(path, map_location="cpu", required=MODEL_ENTRIES)
+    current = cfg.to_dict()
+    mcfg = config_from_checkpoint(ckpt, path, replace={"data": current["data"], "eval": current["eval"]})
     vocab = Vocab(**ckpt["vocab"])
     model, _ = build_model(mcfg, vocab)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: its weights do not fit the network its config builds ({first})"
+        ) from None
     return model, vocab, mcfg, ckpt
 
 
@@ -67,8 +73,9 @@ def run_evaluation(cfg: Config) -> dict[str, float]:
     model.to(info.device)
     data = load_detection_data(mcfg, distributed=info.world_size > 1)
     if data.num_classes != vocab.num_classes:
-        raise ValueError(
-            f"{path}: the model knows {vocab.num_classes} categories, the dataset has {data.num_classes}"
+        raise Pix2SeqError(
+            f"{path}: the model knows {vocab.num_classes} categories, the prepared dataset in "
+            f"{cfg.data.prepared_dir} has {data.num_classes}; evaluate it on the data it was trained on"
         )
     if vocab.layout == "official" and list(vocab.category_ids) != data.label_to_category:
         raise ValueError(
