@@ -96,6 +96,9 @@ def test_every_problem_is_counted_and_named(fixture_root, tmp_path):
     drop = tr["boxes_dropped_by_reason"]
     assert drop == {
         "crowd": 1,
+        "ignore": 0,
+        "ambiguous_image": 0,
+        "duplicate": 0,
         "degenerate": 2,
         "outside_image": 1,
         "unknown_category": 1,
@@ -147,7 +150,7 @@ def test_too_many_bad_images_fails_after_reporting(fixture_root, tmp_path):
         _prepare(fixture_root, tmp_path, max_bad_fraction=0.1)
     assert json.loads((tmp_path / "reports" / "prepare.json").read_text())["train2017"]["images_bad"] == 2
     assert not (tmp_path / "prepared" / "train2017.json").exists()  # nothing that looks valid
-    assert (tmp_path / "prepared" / "val2017.json").exists()
+    assert not (tmp_path / "prepared" / "val2017.json").exists()  # a failed prepare writes no manifest
 
 
 def test_size_mismatch_and_no_decode_mode(fixture_root, tmp_path):
@@ -166,9 +169,15 @@ def test_size_mismatch_and_no_decode_mode(fixture_root, tmp_path):
 
 
 def test_min_box_size(fixture_root, tmp_path):
-    result, _, _ = _prepare(fixture_root, tmp_path, min_box_size=11.0)
-    # box 101 (10x10) and the clamped 102 (10x10) now fall below the limit; 110 (8x8) too
-    assert result["train2017"]["boxes_kept"] == 0
+    # box 101 (10x10) and the clamped 102 (10x10) now fall below the limit; 110 (8x8) too: a
+    # training split without a single box is an error, not a run that trains on nothing
+    with pytest.raises(
+        PrepareError,
+        match=r"train2017: no boxes to train or evaluate on \(11 annotations; dropped: degenerate: 6, outside_image: 1",
+    ):
+        _prepare(fixture_root, tmp_path, min_box_size=11.0)
+    report = json.loads((tmp_path / "reports" / "prepare.json").read_text())
+    assert report["train2017"]["boxes_kept"] == 0 and report["val2017"]["boxes_kept"] == 1
 
 
 def test_malformed_json_names_file_and_position(tmp_path):
@@ -233,4 +242,75 @@ def test_pipeline_script_on_generated_data(tiny_generated, tmp_path, monkeypatch
     assert report["num_categories"] == 3
     m = json.loads((tmp_path / "prepared" / "train2017.json").read_text())
     assert len(m["images"]) == 24 and (Path(m["root"]) / m["images"][0][1]).is_file()
-    assert mod.main(["data.prepare.max_bad_fraction=2.0"]) == 1  # a config error is a clean failure
+    assert mod.main(["data.prepare.max_bad_fraction=2.0"]) == 2  # a config error is a clean failure
+
+
+def test_duplicate_ids_are_reported_and_never_move_boxes(fixture_root, tmp_path):
+    """Issue 15 row 5: repeated annotation ids are reported (an exact repeat is dropped); an image
+    id two files claim loses its boxes instead of lending them to the other file."""
+    coco_path = fixture_root / "annotations" / "instances_train2017.json"
+    coco = json.loads(coco_path.read_text())
+    coco["annotations"].append(dict(coco["annotations"][0]))  # 101 again, same box: dropped
+    coco["annotations"].append({**coco["annotations"][0], "bbox": [20, 5, 10, 10]})  # 101, another box: kept
+    other = {"id": 6, "file_name": "000001.jpg", "width": 40, "height": 30}  # id 6 also names 000001.jpg
+    coco["images"].append(other)
+    coco["annotations"].append(_ann(112, 6, [2, 2, 8, 8]))  # whose is it? nobody's
+    coco_path.write_text(json.dumps(coco))
+    result, out, _ = _prepare(fixture_root, tmp_path)
+    tr = result["train2017"]
+    assert tr["annotation_ids_duplicated"] == 2 and tr["boxes_dropped_by_reason"]["duplicate"] == 1
+    assert (
+        tr["images_bad_by_reason"]["duplicate_id"] == 2
+        and tr["boxes_dropped_by_reason"]["ambiguous_image"] == 2
+    )
+    m = json.loads((out / "train2017.json").read_text())
+    ids = [im[0] for im in m["images"]]
+    assert 6 not in ids and ids == [1, 3, 5, 7, 8, 9, 10]
+    assert m["boxes"][0] == [[5, 5, 15, 15], [30, 20, 40, 30], [20, 5, 30, 15]]  # 101's twin is image 1's
+    issues = "\n".join(json.loads((out / "issues.json").read_text())["train2017"])
+    assert "annotation 101: repeats annotation #0 (same id, same box); dropped" in issues
+    assert "annotation 101: id also used by annotation #0 with another box; both kept" in issues
+    assert "images[10] (id 6): image id 6 also names '000006.jpg' (images[5]); both entries" in issues
+    assert "annotation 112: field 'image_id' 6 names two different image files; dropped" in issues
+
+
+def test_objects_beyond_max_instances_are_reported(fixture_root, tmp_path, caplog):
+    """Issue 15 row 9: images with more objects than a sequence holds are counted and logged."""
+    coco_path = fixture_root / "annotations" / "instances_train2017.json"
+    coco = json.loads(coco_path.read_text())
+    coco["annotations"] += [_ann(300 + k, 8, [k, k, 5, 5]) for k in range(5)]  # image 8: 5 boxes
+    coco_path.write_text(json.dumps(coco))
+    result = prepare_dataset(
+        fixture_root, ["train2017", "val2017"], tmp_path / "p", None, PrepareConfig(max_bad_fraction=0.5),
+        workers=2, progress=False, max_instances=2,
+    )  # fmt: skip
+    tr = result["train2017"]
+    assert tr["max_boxes_per_image"] == 5
+    assert tr["images_over_max_instances"] == 1 and tr["boxes_over_max_instances"] == 3
+    assert result["val2017"]["images_over_max_instances"] == 0
+    assert (
+        "train2017: 1 images hold more than tokenizer.max_instances=2 objects (up to 5; 3 objects beyond"
+        in caplog.text
+    )
+
+
+def test_ground_truth_keeps_what_coco_counts(fixture_root, tmp_path):
+    """The evaluation ground truth is the manifest's: clamped boxes clamped, dropped boxes absent,
+    COCO's area kept, crowd regions kept as crowd (ignored by COCO), fresh annotation ids."""
+    from pix2seq.data.ground_truth import coco_ground_truth
+    from pix2seq.evaluation.coco import coco_evaluate
+
+    _, out, _ = _prepare(fixture_root, tmp_path)
+    gt = coco_ground_truth(out / "train2017.json")
+    assert [im["id"] for im in gt["images"]] == [1, 3, 5, 6, 7, 8, 9, 10]
+    by_image = {}
+    for a in gt["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    assert [a["bbox"] for a in by_image[1]] == [[5, 5, 10, 10], [30, 20, 10, 10]]  # 102 clamped
+    assert all(a["area"] == 1.0 for a in gt["annotations"])  # COCO's own area, not the box's
+    (crowd,) = by_image[3]  # 103 outside, 104 empty: gone; 105 the crowd region
+    assert crowd["iscrowd"] == 1 and crowd["ignore"] == 1 and crowd["bbox"] == [1, 1, 10, 10]
+    assert [a["id"] for a in gt["annotations"]] == list(range(1, len(gt["annotations"]) + 1))
+    # a detector that finds every real box scores 100; one on the crowd region costs nothing
+    dets = [{**a, "score": 0.9} for a in gt["annotations"]]
+    assert coco_evaluate(gt, dets).metrics["AP"] == pytest.approx(100.0)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from pix2seq import distributed as dist
 from pix2seq.config import Config
 from pix2seq.decoding import generate
+from pix2seq.errors import Pix2SeqError
 from pix2seq.evaluation.coco import CocoResult, coco_evaluate, detections_to_coco
 from pix2seq.optim import WarmupLinearSchedule
 from pix2seq.tokenizer import tokens_to_detections
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(Pix2SeqError, RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
 
 
@@ -47,6 +48,8 @@ class TrainState:
     elapsed_s: float = 0.0  # training wall clock, summed over resumptions
     best_metric: float = -1.0
     history: dict[str, list] = field(default_factory=dict)
+    # saved before every evaluation: a run resumed from such a checkpoint evaluates first
+    eval_pending: bool = False
 
 
 def autocast_dtype(amp: str, device: torch.device, decoding: bool = False) -> torch.dtype | None:

@@ -20,8 +20,15 @@ import torch
 from torch import nn
 
 from pix2seq import distributed as dist
-from pix2seq.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from pix2seq.config import Config, atomic_write_text, config_from_dict, save_config
+from pix2seq.checkpoint import (
+    TRAINING_ENTRIES,
+    CheckpointError,
+    CheckpointManager,
+    capture_rng_state,
+    config_from_checkpoint,
+    restore_rng_state,
+)
+from pix2seq.config import Config, atomic_write_text, save_config
 from pix2seq.data.loaders import load_detection_data
 from pix2seq.engine import TrainState, evaluate_model, train_one_epoch
 from pix2seq.model import build_model
@@ -81,6 +88,7 @@ def checkpoint_state(
         "elapsed_s": state.elapsed_s,
         "best_metric": state.best_metric,
         "history": state.history,
+        "eval_pending": state.eval_pending,
         "config": cfg.to_dict(),
         "vocab": vocab.to_dict(),
         "categories": categories,
@@ -100,6 +108,7 @@ def _restore(ckpt: dict, model: nn.Module, optimizer, schedule, scaler, rank: in
         elapsed_s=float(ckpt["elapsed_s"]),
         best_metric=float(ckpt["best_metric"]),
         history={k: [tuple(x) for x in v] for k, v in ckpt.get("history", {}).items()},
+        eval_pending=bool(ckpt.get("eval_pending", False)),
     )
 
 
@@ -117,9 +126,11 @@ _RESUME_FREE = (
 _RESUME_FREE_SECTIONS = ("eval.", "tracking.", "tune.", "data.download.", "data.prepare.")
 
 
-def resume_blockers(cfg: Config, ckpt: dict) -> list[str]:
-    """Why ``ckpt`` should not be resumed under ``cfg``: changed config keys, or a finished run."""
-    old = config_from_dict(ckpt["config"]).flat()
+def resume_blockers(cfg: Config, ckpt: dict, path: Path) -> list[str]:
+    """Why ``ckpt`` should not be resumed under ``cfg``: changed config keys, or a finished run.
+
+    A stored config that does not load is a :class:`CheckpointError` naming ``path``."""
+    old = config_from_checkpoint(ckpt, path).flat()
     new = cfg.flat()
     changed = [
         k
@@ -134,9 +145,41 @@ def resume_blockers(cfg: Config, ckpt: dict) -> list[str]:
         or (budget > 0 and float(sched.get("elapsed_s", 0)) >= budget)
         or (budget == 0 and int(sched.get("step_count", 0)) >= int(sched.get("total_steps", 1 << 62)))
     )
-    if finished:
+    if finished and not ckpt.get("eval_pending", False):  # pending: its final evaluation is still due
         reasons.append("that run already finished")
     return reasons
+
+
+def resumable_checkpoint(
+    cfg: Config, manager: CheckpointManager, out: Path, info: dist.DistInfo
+) -> tuple[Path, dict] | None:
+    """The checkpoint to resume (``train.resume: auto``), or None for a new run. Checkpoints a new
+    run would overwrite (another config's, a finished run's, any with ``train.resume: never``) are
+    moved aside first; unreadable ones fail with one line pointing at ``train.resume=never``."""
+    reasons: list[str] = []
+    path = manager.latest()
+    if cfg.train.resume == "auto":
+        found = manager.load_latest(map_location="cpu", required=TRAINING_ENTRIES)
+        if found is None:
+            return None
+        path, ckpt = found
+        try:
+            reasons = resume_blockers(cfg, ckpt, path)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{e}; to start a new run instead, set train.resume=never (the checkpoints are moved aside)"
+            ) from None
+        if not reasons:
+            return found
+    elif path is not None:
+        reasons = ["train.resume is never"]
+    if reasons:
+        dist.barrier()
+        if info.is_main:
+            dest = set_aside(out)
+            print(f"not resuming {path} ({'; '.join(reasons)}): moved it to {dest}, starting a new run")
+        dist.barrier()
+    return None
 
 
 def set_aside(out: Path) -> Path:
@@ -171,6 +214,7 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
     seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
 
     data = load_detection_data(cfg, distributed=info.world_size > 1)
+    data.check_trainable()  # an empty split fails here, naming its manifest, not after 0 steps
     vocab = data.vocab
     model, criterion = build_model(cfg, vocab)
     model.to(device)
@@ -186,23 +230,15 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
     manager = CheckpointManager(out / "checkpoints", keep=cfg.train.keep_checkpoints)
     state = TrainState()
     resumed = False
-    found = manager.load_latest(map_location="cpu") if cfg.train.resume == "auto" else None
+    found = resumable_checkpoint(cfg, manager, out, info)
     if found is not None:
         path, ckpt = found
-        blockers = resume_blockers(cfg, ckpt)
-        if blockers:
-            dist.barrier()
-            if info.is_main:
-                dest = set_aside(out)
-                print(f"not resuming {path} ({'; '.join(blockers)}): moved it to {dest}, starting a new run")
-            dist.barrier()
-        else:
-            state = _restore(ckpt, model_without_ddp, optimizer, schedule, scaler, info.rank)
-            resumed = True
-            if info.is_main:
-                print(
-                    f"resumed from {path}: epoch {state.epoch}, batch {state.step_in_epoch}, step {state.global_step}"
-                )
+        state = _restore(ckpt, model_without_ddp, optimizer, schedule, scaler, info.rank)
+        resumed = True
+        if info.is_main:
+            print(
+                f"resumed from {path}: epoch {state.epoch}, batch {state.step_in_epoch}, step {state.global_step}"
+            )
     model = _wrap_distributed(model_without_ddp, cfg, info)
     train_model = torch.compile(model) if cfg.train.compile else model
 
@@ -247,67 +283,73 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
         metrics: dict[str, float] = {}
         stopped = False
         evaluated_at = -1
-        while state.epoch < cfg.train.epochs and not schedule.done() and not stopped:
-            loader = data.train_loader(epoch=state.epoch, skip_batches=state.step_in_epoch)
-            epoch_stats = train_one_epoch(
-                train_model,
-                criterion,
-                loader,
-                optimizer,
-                schedule,
-                cfg,
-                state,
-                device,
-                clock_start,
-                on_step=on_step,
-                on_checkpoint=save,
-                num_batches=data.train_batches_per_epoch(),
-                pause=eval_due,
-            )
-            epoch_done = state.step_in_epoch >= data.train_batches_per_epoch() - cfg.train.accumulate + 1
-            if epoch_done:
-                state.epoch += 1
-                state.step_in_epoch = 0
-            tracker.log_metrics(
-                {"train/epoch_loss": epoch_stats["loss"], "epoch": state.epoch}, step=state.global_step
-            )
-            due = (
-                epoch_done
-                and cfg.train.eval_every_epochs > 0
-                and state.epoch % cfg.train.eval_every_epochs == 0
-            )
-            due |= eval_due(state.elapsed_s)
-            finished = state.epoch >= cfg.train.epochs or schedule.done()
-            is_best = False
-            if due or finished:
-                t_eval = time.perf_counter()
-                metrics, _, _ = evaluate_model(model_without_ddp, data, vocab, cfg, device)
-                # a wall-clock budget is training time: shift the clock's origin past the evaluation
-                clock_start += dist.all_reduce_mean(
-                    torch.tensor(time.perf_counter() - t_eval, dtype=torch.float64)
-                ).item()
-                last_eval_clock = state.elapsed_s
-                evaluated_at = state.global_step
-                if info.is_main:
-                    tracker.log_metrics(metrics, step=state.global_step)
-                    for key, value in (
-                        ("AP", metrics["AP"]),
-                        ("AP50", metrics["AP50"]),
-                        ("train_minutes", state.elapsed_s / 60),
-                    ):
-                        state.history.setdefault(key, []).append((state.global_step, value))
-                    is_best = metrics["AP"] > state.best_metric
-                    state.best_metric = max(state.best_metric, metrics["AP"])
-                    print(
-                        f"epoch {state.epoch} step {state.global_step}: "
-                        + " ".join(f"{k} {v:.1f}" for k, v in metrics.items())
-                    )
-                stop = (
-                    bool(hooks.on_eval(state.epoch, metrics)) if (hooks.on_eval and info.is_main) else False
+
+        def more_training() -> bool:
+            return state.epoch < cfg.train.epochs and not schedule.done()
+
+        while not stopped and (state.eval_pending or more_training()):
+            if not state.eval_pending:  # a training pass: an epoch, or up to an evaluation on the clock
+                loader = data.train_loader(epoch=state.epoch, skip_batches=state.step_in_epoch)
+                epoch_stats = train_one_epoch(
+                    train_model,
+                    criterion,
+                    loader,
+                    optimizer,
+                    schedule,
+                    cfg,
+                    state,
+                    device,
+                    clock_start,
+                    on_step=on_step,
+                    on_checkpoint=save,
+                    num_batches=data.train_batches_per_epoch(),
+                    pause=eval_due,
                 )
-                stopped = dist.agree(stop)
-                is_best = dist.agree(is_best)
-            save(is_best=is_best)
+                epoch_done = state.step_in_epoch >= data.train_batches_per_epoch() - cfg.train.accumulate + 1
+                if epoch_done:
+                    state.epoch += 1
+                    state.step_in_epoch = 0
+                tracker.log_metrics(
+                    {"train/epoch_loss": epoch_stats["loss"], "epoch": state.epoch}, step=state.global_step
+                )
+                due = (
+                    epoch_done
+                    and cfg.train.eval_every_epochs > 0
+                    and state.epoch % cfg.train.eval_every_epochs == 0
+                )
+                state.eval_pending = due or eval_due(state.elapsed_s) or not more_training()
+                # checkpoint before evaluating: an evaluation that fails loses no training, and a
+                # run resumed from here evaluates first (eval_pending)
+                save()
+                if not state.eval_pending:
+                    continue
+            t_eval = time.perf_counter()
+            metrics, _, _ = evaluate_model(model_without_ddp, data, vocab, cfg, device)
+            # a wall-clock budget is training time: shift the clock's origin past the evaluation
+            clock_start += dist.all_reduce_mean(
+                torch.tensor(time.perf_counter() - t_eval, dtype=torch.float64)
+            ).item()
+            last_eval_clock = state.elapsed_s
+            evaluated_at = state.global_step
+            is_best = False
+            if info.is_main:
+                tracker.log_metrics(metrics, step=state.global_step)
+                for key, value in (
+                    ("AP", metrics["AP"]),
+                    ("AP50", metrics["AP50"]),
+                    ("train_minutes", state.elapsed_s / 60),
+                ):
+                    state.history.setdefault(key, []).append((state.global_step, value))
+                is_best = metrics["AP"] > state.best_metric
+                state.best_metric = max(state.best_metric, metrics["AP"])
+                print(
+                    f"epoch {state.epoch} step {state.global_step}: "
+                    + " ".join(f"{k} {v:.1f}" for k, v in metrics.items())
+                )
+            stop = bool(hooks.on_eval(state.epoch, metrics)) if (hooks.on_eval and info.is_main) else False
+            stopped = dist.agree(stop)
+            state.eval_pending = False
+            save(is_best=dist.agree(is_best))  # the same step again, with this evaluation recorded
         if evaluated_at != state.global_step and not stopped:
             metrics, _, _ = evaluate_model(model_without_ddp, data, vocab, cfg, device)
             better = info.is_main and metrics["AP"] > state.best_metric

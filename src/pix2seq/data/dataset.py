@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from pix2seq.config import Config, TokenizerConfig
-from pix2seq.data.prepare import MANIFEST_FORMAT, manifest_path
+from pix2seq.data.prepare import manifest_path, read_manifest_json
 from pix2seq.data.sampler import RepeatSampler, ShardSampler, sample_generator
 from pix2seq.data.transforms import build_transform, canvas_pad_value
 from pix2seq.tokenizer import build_sequence
@@ -87,14 +87,7 @@ class Manifest:
 def load_manifest(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Manifest:
     """Read a manifest written by the prepare stage; ``root`` overrides the dataset root it names."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path}: manifest not found; run the prepare stage (dvc repro prepare)"
-        ) from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path}: not a pix2seq manifest")
+    data = read_manifest_json(path)
     images = data["images"]
     n = len(images)
     counts = np.fromiter((len(b) for b in data["boxes"]), dtype=np.int64, count=n)
@@ -138,7 +131,10 @@ def build_vocab(cfg: Config) -> Vocab:
 def decode_image_file(path: str | os.PathLike[str]) -> Tensor:
     """uint8 (3, H, W) RGB; JPEGs through ``decode_jpeg`` on the file bytes, others ``decode_image``."""
     with open(path, "rb") as f:
-        data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        raw = f.read()
+    if not raw:  # torch.frombuffer would say "buffer length (0)"
+        raise ValueError(f"{path}: empty file (0 bytes)")
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     if data.numel() >= 3 and data[0] == 0xFF and data[1] == 0xD8:
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB)

@@ -1,5 +1,6 @@
 """What a training run needs from the data: loaders per epoch (resumable mid-epoch), categories,
-the evaluation ground truth and the manifests MLflow records as inputs.
+the evaluation ground truth (built from the prepared validation manifest, see
+:mod:`pix2seq.data.ground_truth`) and the manifests MLflow records as inputs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from pix2seq.config import Config
 from pix2seq.data.dataset import build_dataset, build_loader
-from pix2seq.data.prepare import annotation_path, manifest_path
+from pix2seq.data.ground_truth import coco_ground_truth
+from pix2seq.data.prepare import ManifestError, manifest_path
 from pix2seq.data.sampler import set_epoch
 from pix2seq.vocab import Vocab
 
@@ -25,9 +27,9 @@ class DetectionData:
     categories: list[dict[str, Any]]
     train_manifest: Path
     val_manifest: Path
-    val_annotations: Path  # the original COCO json: crowd regions count as COCO counts them
     _train: DataLoader | None = None
     _val: DataLoader | None = None
+    _val_gt: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -58,6 +60,22 @@ class DetectionData:
             )
         return self._train
 
+    def check_trainable(self) -> None:
+        """Fail, naming the manifest, when the training split cannot give a single optimizer step
+        (no images, no boxes, fewer images than a step needs) instead of "training" 0 steps."""
+        manifest = self._train_loader().dataset.manifest
+        where = f"{self.train_manifest}: the training split {self.cfg.data.train_split!r}"
+        if len(manifest) == 0 or len(manifest.boxes) == 0:
+            raise ManifestError(
+                f"{where} has {len(manifest)} images and {len(manifest.boxes)} boxes; nothing to train on"
+            )
+        t = self.cfg.train
+        if self.train_batches_per_epoch() < t.accumulate:
+            raise ManifestError(
+                f"{where} has {len(manifest)} images: too few for one optimizer step of train.batch_size="
+                f"{t.batch_size} x train.accumulate={t.accumulate} per process"
+            )
+
     def train_batches_per_epoch(self) -> int:
         return len(self._train_loader())
 
@@ -67,6 +85,14 @@ class DetectionData:
         set_epoch(loader, epoch)
         loader.sampler.skip = skip_batches * loader.batch_size
         return loader
+
+    @property
+    def val_annotations(self) -> dict[str, Any]:
+        """The COCO ground truth of the prepared validation split (what prepare kept, clamped as it
+        clamped; crowd/ignore regions flagged as in COCO), built on first use."""
+        if self._val_gt is None:
+            self._val_gt = coco_ground_truth(self.val_manifest)
+        return self._val_gt
 
     def val_loader(self) -> DataLoader:
         if self._val is None:
@@ -90,5 +116,4 @@ def load_detection_data(cfg: Config, distributed: bool = False) -> DetectionData
         categories=categories,
         train_manifest=train_m,
         val_manifest=val_m,
-        val_annotations=annotation_path(Path(d.root), d.val_split),
     )
