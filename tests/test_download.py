@@ -349,17 +349,75 @@ def test_unsafe_archive_is_refused(server, tmp_path, bad, why):
     assert not (tmp_path / "evil.txt").exists() and not (root.parent.parent / "evil.txt").exists()
 
 
-def test_safe_extract_replaces_whole_directories(tmp_path):
+def test_safe_extract_merges_and_removes_only_its_own_files(tmp_path):
     z = tmp_path / "a.zip"
     z.write_bytes(_zip({"d/x.txt": b"1", "d/sub/y.txt": b"2"}))
     dest = tmp_path / "out"
     (dest / "d").mkdir(parents=True)
-    (dest / "d" / "stale.txt").write_text("old")
-    assert safe_extract(z, dest, progress=False) == ["d"]
+    (dest / "d" / "theirs.txt").write_text("another archive's")
+    (dest / "d" / "old.txt").write_text("this archive's, last time")
+    files = safe_extract(z, dest, progress=False, previous=["d/old.txt", "d/x.txt"])
+    assert files == ["d/x.txt", "d/sub/y.txt"]
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
         "d/sub/y.txt",
+        "d/theirs.txt",
         "d/x.txt",
     ]
+    with pytest.raises(
+        DownloadError, match=r"a.zip: refusing to extract: entry 'd/x.txt' is also in other.zip"
+    ):
+        safe_extract(z, dest, progress=False, others={"d/x.txt": "other.zip"})
+
+
+def _overlapping(extra: dict[str, bytes]) -> dict[str, bytes]:
+    archives = _archives()
+    val = {f"val2017/{i + 1:012d}.jpg": b"img" for i in range(3)}
+    return {VAL_ZIP: _zip({**val, **extra}), ANNOTATIONS_ZIP: archives[ANNOTATIONS_ZIP]}
+
+
+def test_an_archive_sharing_a_directory_merges_into_it(server, tmp_path):
+    """Issue 15 row 8: the images archive also carries annotations/: the annotations archive's
+    files stay (before, the whole annotations/ directory was replaced and the stage exited 0)."""
+    manifest = _serve(server, _overlapping({"annotations/README.txt": b"extra"}))
+    root = tmp_path / "coco"
+    _run(server, root, manifest, subset="val")
+    ann = sorted(p.name for p in (root / "annotations").iterdir())
+    assert ann == ["README.txt", "instances_train2017.json", "instances_val2017.json"]
+    assert len(list((root / "val2017").iterdir())) == 3
+
+
+def test_archives_whose_entries_collide_are_refused(server, tmp_path, monkeypatch, capsys):
+    """Issue 15 row 8: an entry another archive already extracted is refused; the stage exits 2
+    with one line naming both archives, and the first archive's files are untouched."""
+    import importlib.util
+    from pathlib import Path
+
+    manifest = _serve(server, _overlapping({"annotations/instances_val2017.json": b"{}"}))
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv(dl.MANIFEST_ENV, str(tmp_path / "manifest.json"))
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "coco"
+    download = {"base_url": server.base_url, "subset": "val", "retries": 0}
+    (tmp_path / "params.yaml").write_text(
+        json.dumps({"data": {"source": "coco", "root": str(root), "download": download}})
+    )
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("pipeline_download", repo / "pipeline" / "download.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    assert stage.main([]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("download: error: ")]
+    archive = tmp_path / "coco-archives" / VAL_ZIP
+    assert line == (
+        f"download: error: {archive}: refusing to extract: entry 'annotations/instances_val2017.json' is also "
+        f"in {ANNOTATIONS_ZIP}, already extracted into {root} (the archives overlap; remove one of them from "
+        "the download)"
+    )
+    val = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    assert len(val["images"]) == 3  # the annotations archive's file, not the colliding one
+    assert not (root / "val2017").exists() and not list(root.glob(".extract-*"))
 
 
 def test_subset_and_max_train_images(server, tmp_path):

@@ -20,9 +20,11 @@ Guarantees:
   that ignores ranges is detected and the file restarts from zero).
 - Every archive is checked against its published size and MD5 (:data:`ARCHIVES`, or a custom
   manifest for a mirror/test server); a mismatch removes the file and fails with both values.
-- Extraction refuses absolute paths, ``..`` components, symlinks and special files, extracts into a
-  temporary directory under ``<root>`` and renames the complete top-level directories into place.
-  A marker is written last, so an interrupted run never leaves something that looks finished.
+- Extraction refuses absolute paths, ``..`` components, symlinks and special files, and entries
+  another archive already extracted; it extracts into a temporary directory under ``<root>`` and
+  moves the complete files into place, merging into existing directories (another archive's files
+  are never removed). A marker listing the files is written last, so an interrupted run never
+  leaves something that looks finished.
 - Re-runs do nothing once archives are verified and extracted; ``max_train_images`` changes only
   redo the train extraction and the annotation filtering.
 - 404 / other HTTP errors, timeouts, a full disk and checksum mismatches raise :class:`DownloadError`
@@ -53,6 +55,7 @@ import urllib3
 from tqdm import tqdm
 
 from pix2seq.config import Config, DownloadConfig, atomic_write_text
+from pix2seq.errors import Pix2SeqError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ _CHUNK = 1 << 20
 _SPACE_MARGIN = 64 << 20  # keep this much free beyond what a download/extraction needs
 
 
-class DownloadError(RuntimeError):
+class DownloadError(Pix2SeqError, RuntimeError):
     """A download or extraction failed; the message names the URL or file and what to do."""
 
 
@@ -559,52 +562,55 @@ def check_archive(zip_path: Path) -> list[zipfile.ZipInfo]:
     return infos
 
 
+def _entry_name(info: zipfile.ZipInfo) -> str:
+    return info.filename.replace("\\", "/").rstrip("/")
+
+
 def safe_extract(
     zip_path: Path,
     dest: Path,
     select: Callable[[list[zipfile.ZipInfo]], list[zipfile.ZipInfo]] | None = None,
     progress: bool = True,
+    *,
+    previous: Iterable[str] = (),
+    others: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Extract ``zip_path`` (the entries ``select`` keeps) into ``dest``, all or nothing.
+    """Extract ``zip_path`` (the entries ``select`` keeps) into ``dest``, all or nothing, merging
+    into directories that already exist; returns the extracted files (``/``-separated, relative).
 
-    Every entry is checked first (see :func:`check_archive`). Files go to a temporary directory
-    under ``dest``; each complete top-level entry then replaces its namesake in ``dest``. Returns
-    the top-level names. Nothing of a failed extraction is left behind.
+    Every entry is checked first (see :func:`check_archive`). An entry naming a file another
+    archive extracted (``others``: file -> archive) is refused: two archives never overwrite each
+    other's files. Files go to a temporary directory under ``dest`` and are moved into place one
+    by one once all are complete; files of this archive's earlier extraction (``previous``) that it
+    no longer holds are removed, and nothing else in ``dest`` is touched. Nothing of a failed
+    extraction is left behind.
     """
     zip_path, dest = Path(zip_path), Path(dest)
     infos = check_archive(zip_path)
     if select is not None:
         infos = select(infos)
+    files = [_entry_name(i) for i in infos if not i.is_dir()]
+    for name in files:
+        owner = (others or {}).get(name)
+        if owner is not None:
+            raise DownloadError(
+                f"{zip_path}: refusing to extract: entry {name!r} is also in {owner}, already extracted "
+                f"into {dest} (the archives overlap; remove one of them from the download)"
+            )
     dest.mkdir(parents=True, exist_ok=True)
     _ensure_space(dest, sum(i.file_size for i in infos), f"extracting {zip_path.name}")
     tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f".extract-{zip_path.stem}-"))
     try:
-        tmp_resolved = tmp.resolve()
-        with zipfile.ZipFile(zip_path) as zf:
-            for info in tqdm(
-                infos, desc=f"extract {zip_path.name}", unit="file", disable=not progress, leave=False
-            ):
-                target = (tmp / info.filename.replace("\\", "/")).resolve()
-                if tmp_resolved not in target.parents and target != tmp_resolved:
-                    raise DownloadError(
-                        f"{zip_path}: refusing to extract: entry {info.filename!r} leaves the target"
-                    )
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, _CHUNK)
-        tops = sorted(p.name for p in tmp.iterdir())
-        for top in tops:
-            final = dest / top
-            if final.exists() or final.is_symlink():
-                old = dest / f".old-{top}-{os.getpid()}"
-                _remove(old)
-                os.replace(final, old)
-                _remove(old)
-            os.replace(tmp / top, final)
-        return tops
+        _extract_to(zip_path, infos, tmp, progress)
+        for name in [_entry_name(i) for i in infos if i.is_dir()]:
+            (dest / name).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / name, dest / name)
+        for name in sorted(set(previous) - set(files)):  # e.g. fewer train images than last time
+            if (others or {}).get(name) is None:
+                (dest / name).unlink(missing_ok=True)
+        return files
     except OSError as e:
         if _is_enospc(e):
             raise DownloadError(
@@ -615,6 +621,26 @@ def safe_extract(
         raise DownloadError(f"{zip_path}: corrupt zip archive ({e})") from None
     finally:
         _remove(tmp)
+
+
+def _extract_to(zip_path: Path, infos: list[zipfile.ZipInfo], tmp: Path, progress: bool) -> None:
+    """Write ``infos`` below ``tmp`` (re-checking that no entry leaves it)."""
+    tmp_resolved = tmp.resolve()
+    with zipfile.ZipFile(zip_path) as zf:
+        for info in tqdm(
+            infos, desc=f"extract {zip_path.name}", unit="file", disable=not progress, leave=False
+        ):
+            target = (tmp / _entry_name(info)).resolve()
+            if tmp_resolved not in target.parents and target != tmp_resolved:
+                raise DownloadError(
+                    f"{zip_path}: refusing to extract: entry {info.filename!r} leaves the target"
+                )
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
 
 
 def _remove(p: Path) -> None:
@@ -655,6 +681,31 @@ def _extract_marker(root: Path, archive: str) -> Path:
     return root / MARKER_DIR / f"{archive}.extracted.json"
 
 
+def _extracted_files(marker: dict | None, root: Path) -> list[str]:
+    """The files an extraction marker says its archive wrote (markers of earlier versions list only
+    top-level directories, which that version replaced whole: everything below them)."""
+    if not marker:
+        return []
+    if "files" in marker:
+        return list(marker["files"])
+    return [
+        p.relative_to(root).as_posix()
+        for t in marker.get("tops", [])
+        for p in sorted((root / t).rglob("*"))
+        if p.is_file()
+    ]
+
+
+def _files_of_other_archives(root: Path, archive: str) -> dict[str, str]:
+    """file -> archive name, for every other archive extracted into ``root``."""
+    out: dict[str, str] = {}
+    for marker in sorted((root / MARKER_DIR).glob("*.extracted.json")):
+        name = marker.name.removesuffix(".extracted.json")
+        if name != archive:
+            out.update((f, name) for f in _extracted_files(_read_json(marker), root))
+    return out
+
+
 def _extract_once(zip_path: Path, root: Path, key: dict, select=None, progress: bool = True) -> bool:
     """Extract unless the marker says the same archive (``key``) is already extracted. True if it ran."""
     marker = _extract_marker(root, zip_path.name)
@@ -662,9 +713,17 @@ def _extract_once(zip_path: Path, root: Path, key: dict, select=None, progress: 
     if m and m.get("key") == key and all((root / t).exists() for t in m.get("tops", [])):
         log.info("%s: already extracted", zip_path.name)
         return False
-    marker.unlink(missing_ok=True)  # from here on the old extraction no longer counts as complete
-    tops = safe_extract(zip_path, root, select, progress)
-    atomic_write_text(marker, json.dumps({"key": key, "tops": tops}))
+    previous = _extracted_files(m, root)
+    others = _files_of_other_archives(root, zip_path.name)
+    # from here on the old extraction no longer counts as complete, but its files stay listed, so an
+    # interrupted run's successor still knows which files are this archive's
+    if previous:
+        atomic_write_text(marker, json.dumps({"key": None, "tops": [], "files": previous}))
+    else:
+        marker.unlink(missing_ok=True)
+    files = safe_extract(zip_path, root, select, progress, previous=previous, others=others)
+    tops = sorted({f.split("/", 1)[0] for f in files})
+    atomic_write_text(marker, json.dumps({"key": key, "tops": tops, "files": files}))
     return True
 
 
@@ -777,9 +836,9 @@ def download_coco(
             "max_train_images": n_train,
             "annotations": (_read_json(_marker_path(paths[ANNOTATIONS_ZIP])) or {}).get("md5"),
         }
-        if n_train > 0:
-            img_dir = root / "train2017"
-            keep = {p.name for p in img_dir.iterdir() if p.is_file()}
+        if n_train > 0:  # the images this archive extracted (not whatever else is in the folder)
+            extracted = _extracted_files(_read_json(_extract_marker(root, TRAIN_ZIP)), root)
+            keep = {f.split("/", 1)[1] for f in extracted if f.startswith("train2017/")}
             filter_train_annotations(paths[ANNOTATIONS_ZIP], root, "train2017", keep, ann_key)
         elif (root / MARKER_DIR / "instances_train2017.filter.json").exists():
             # an earlier run filtered the file: restore the full annotations
