@@ -66,6 +66,16 @@ def _one_error(err: str, prog: str) -> str:
     return lines[0].removeprefix(f"{prog}: error: ")
 
 
+def _dataset_copy(root: Path, dest: Path, keep: str) -> Path:
+    """``dest``: ``root``'s images (linked) and its ``keep`` split's annotation file; the caller
+    writes the other one."""
+    (dest / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (dest / split).symlink_to(root / split)
+    shutil.copy(root / "annotations" / f"instances_{keep}.json", dest / "annotations")
+    return dest
+
+
 def _snapshot(*dirs: Path) -> dict[str, bytes]:
     """Every file below ``dirs`` with its bytes: what a failed run must leave as it was."""
     return {str(p): p.read_bytes() for d in dirs for p in sorted(Path(d).rglob("*")) if p.is_file()}
@@ -101,11 +111,7 @@ def val_sets(tiny_generated, tiny_prepared, tmp_path_factory):
     negative size, under a pixel, outside the image, an exact duplicate, an image without id."""
     root, clean = tiny_prepared
     base = tmp_path_factory.mktemp("valsets")
-    dirty_root = base / "dirty"
-    (dirty_root / "annotations").mkdir(parents=True)
-    for split in ("train2017", "val2017"):
-        (dirty_root / split).symlink_to(root / split)
-    shutil.copy(root / "annotations" / "instances_train2017.json", dirty_root / "annotations")
+    dirty_root = _dataset_copy(root, base / "dirty", keep="train2017")
     coco = json.loads((root / "annotations" / "instances_val2017.json").read_text())
     n = max(a["id"] for a in coco["annotations"]) + 1
     im = coco["images"][0]["id"]
@@ -256,11 +262,7 @@ def test_a_failed_evaluation_loses_no_training(tiny_prepared, tmp_path, monkeypa
 
 def test_an_empty_training_split_fails_prepare_and_training(tiny_generated, good_run, capsys):
     root, _ = tiny_generated
-    empty = good_run / "empty"
-    (empty / "annotations").mkdir(parents=True)
-    for split in ("train2017", "val2017"):
-        (empty / split).symlink_to(root / split)
-    shutil.copy(root / "annotations" / "instances_val2017.json", empty / "annotations")
+    empty = _dataset_copy(root, good_run / "empty", keep="val2017")
     coco = json.loads((root / "annotations" / "instances_train2017.json").read_text())
     stale = good_run / "stale"
     shutil.copytree(good_run / "prepared", stale)
