@@ -507,3 +507,23 @@ def test_real_processes_print_one_line_and_exit_2(tmp_path):
         env={**env, "PIX2SEQ_DEBUG": "1"}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" in r.stderr and "train: error: train.lr" in r.stderr
+
+
+def test_resume_never_moves_earlier_checkpoints_aside(tmp_path, capsys):
+    """train.resume=never starts a new run without overwriting the last one's checkpoints."""
+    from pix2seq import distributed as dist
+    from pix2seq.config import config_from_dict
+    from pix2seq.training import resumable_checkpoint
+
+    cfg = config_from_dict({}, [f"train.output_dir={tmp_path}", "train.resume=never"])
+    mgr = CheckpointManager(tmp_path / "checkpoints")
+    mgr.save({"global_step": 3}, step=3, is_best=True)
+    (tmp_path / "mlflow_run_id").write_text("abc\n")
+    assert resumable_checkpoint(cfg, mgr, tmp_path, dist.init_distributed()) is None
+    (aside,) = tmp_path.glob("previous-*")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["best.pt", "ckpt-3.pt", "last.pt"]
+    assert (aside / "mlflow_run_id").read_text() == "abc\n" and not (tmp_path / "checkpoints").exists()
+    assert (
+        f"not resuming {mgr.last_path} (train.resume is never): moved it to {aside}"
+        in capsys.readouterr().out
+    )
