@@ -402,7 +402,11 @@ def load_config(
     try:
         return config_from_dict(values, overrides)
     except ConfigError as e:
-        raise ConfigError(f"{e} (in {path})" if path else str(e)) from None
+        # a key given on the command line is not "in" the file
+        given = tuple(o.split("=", 1)[0].strip() for o in overrides or [])
+        if not path or str(e).startswith(tuple(f"{k}{c}" for k in given for c in ":[")):
+            raise
+        raise ConfigError(f"{e} (in {path})") from None
 
 
 def _read_yaml_mapping(p: Path) -> dict[str, Any]:
