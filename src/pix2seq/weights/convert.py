@@ -40,6 +40,7 @@ import torch
 from pix2seq.checkpoint import save_checkpoint
 from pix2seq.config import Config, config_from_dict
 from pix2seq.data.coco_categories import coco_categories
+from pix2seq.errors import Pix2SeqError
 from pix2seq.model import build_model  # loads torchvision, which must come before TensorFlow (below)
 from pix2seq.vocab import OFFICIAL_VOCAB_SIZE, Vocab
 
@@ -60,7 +61,7 @@ _BOOKKEEPING = ("_CHECKPOINTABLE_OBJECT_GRAPH", "global_step" + SUFFIX, "save_co
 EXTRA_HINT = "uv sync --extra official (or pip install 'stable-pix2seq[official]')"
 
 
-class ConversionError(ValueError):
+class ConversionError(Pix2SeqError, ValueError):
     """The checkpoint cannot be converted; the message names the file or the tensors."""
 
 
