@@ -3,6 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 PY   := .venv/bin/python
+P2S  := bin/pix2seq
 UV   := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
@@ -35,8 +36,8 @@ test: setup-official  ## run the test suite (installs the `official` extra)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup  ## ruff check + format check
-	$(PY) -m ruff check src tests pipeline bench scripts
-	$(PY) -m ruff format --check src tests pipeline bench scripts
+	$(PY) -m ruff check src tests bench scripts
+	$(PY) -m ruff format --check src tests bench scripts
 
 demo: setup  ## the whole DVC pipeline on generated data (<= 10 min on 2 CPU cores); safe to run twice
 	@start=$$(date +%s); .venv/bin/dvc repro && $(PY) scripts/demo_summary.py $$start
@@ -45,10 +46,10 @@ pipeline: setup  ## dvc repro: download -> prepare -> train -> evaluate (params.
 	.venv/bin/dvc repro
 
 train: setup  ## train (resumes from the last checkpoint); GPUS=N, key.sub=value overrides
-	$(PY) pipeline/train.py $(OVERRIDES)
+	$(P2S) train $(OVERRIDES)
 
 eval: setup  ## evaluate the best checkpoint; key.sub=value overrides
-	$(PY) pipeline/evaluate.py $(OVERRIDES)
+	$(P2S) eval $(OVERRIDES)
 
 ui: setup  ## the MLflow UI on the repo's store (mlflow.db) at http://127.0.0.1:5000
 	@case "$${MLFLOW_TRACKING_URI:-}" in http://*|https://*) echo "MLFLOW_TRACKING_URI is a tracking server: open $$MLFLOW_TRACKING_URI in a browser"; exit 0;; esac; \
@@ -57,11 +58,12 @@ ui: setup  ## the MLflow UI on the repo's store (mlflow.db) at http://127.0.0.1:
 .PHONY: help setup setup-official test lint demo pipeline train eval ui
 
 # `make predict IMAGES="a.jpg photos/" [MODEL=models:/pix2seq@champion|path/model.pt] [OUT=reports/predict]
-#  [DEVICE=auto|cpu|cuda] [SCORE=0.3] [eval.decoding=beam ...]`
-predict: setup  ## detect objects: IMAGES="a.jpg dir/" [MODEL=uri|model.pt] [OUT=dir] [DEVICE=cpu] [SCORE=0.3]
+#  [DEVICE=auto|cpu|cuda] [SCORE=0.3] [FORMAT=json|coco] [eval.decoding=beam ...]`
+predict: setup  ## detect objects: IMAGES="a.jpg dir/" [MODEL=uri|model.pt] [OUT=dir] [DEVICE=cpu] [SCORE=0.3] [FORMAT=coco]
 	@test -n "$(IMAGES)" || { echo "usage: make predict IMAGES='img.jpg folder/' [MODEL=models:/pix2seq@champion] [OUT=reports/predict]" >&2; exit 2; }
-	$(PY) -m pix2seq.cli predict $(IMAGES) --model "$(or $(MODEL),models:/pix2seq@champion)" --out "$(or $(OUT),reports/predict)" \
-		$(if $(DEVICE),--device $(DEVICE)) $(if $(SCORE),--score-threshold $(SCORE)) $(filter-out $(IMAGES),$(OVERRIDES))
+	$(P2S) predict $(IMAGES) --model "$(or $(MODEL),models:/pix2seq@champion)" --out "$(or $(OUT),reports/predict)" \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(SCORE),--score-threshold $(SCORE)) $(if $(FORMAT),--format $(FORMAT)) \
+		$(filter-out $(IMAGES),$(OVERRIDES))
 
 mlflow-server: setup  ## team MLflow server: MLFLOW_BACKEND_STORE_URI=postgresql://... [MLFLOW_ARTIFACTS_DESTINATION MLFLOW_HOST MLFLOW_PORT]
 	bash scripts/mlflow_server.sh
@@ -73,22 +75,23 @@ bench: setup  ## benchmarks: decoding caches, training step, loader, COCO eval (
 
 .PHONY: bench
 
-# `make tune tune.n_trials=3 tune.trial_minutes=0.5`: the named study (tune.study_name in tune.storage)
-# resumes where it stopped; GPUS=N runs every trial as one torchrun job on N GPUs.
-# More workers on the same study, on any machine (share MLFLOW_TRACKING_URI too for one MLflow study run):
+# `make tune tune.n_trials=3 tune.trial_minutes=0.5`: the study of this configuration (tune.study_name plus
+# a digest of what a trial trains, in tune.storage) resumes where it stopped; GPUS=N runs every trial as
+# one torchrun job on N GPUs. More workers on the same study, on any machine (share MLFLOW_TRACKING_URI
+# too for one MLflow study run):
 #   make tune-worker STORAGE=postgresql://user@db-host/optuna      (CUDA_VISIBLE_DEVICES=i GPUS=1: a worker per GPU)
 tune: setup  ## Optuna study over train.lr x train.batch_repeat -> reports/best_params.json; key.sub=value overrides
-	$(PY) pipeline/tune.py $(if $(STORAGE),"tune.storage=$(STORAGE)") $(OVERRIDES)
+	$(P2S) tune $(if $(STORAGE),"tune.storage=$(STORAGE)") $(OVERRIDES)
 
 tune-worker: setup  ## one more worker on the study: STORAGE=postgresql://... (default: tune.storage)
-	$(PY) pipeline/tune.py --worker $(if $(STORAGE),"tune.storage=$(STORAGE)") $(OVERRIDES)
+	$(P2S) tune --worker $(if $(STORAGE),"tune.storage=$(STORAGE)") $(OVERRIDES)
 
-train-best: setup  ## train with the best params of `make tune` (reports/best_params.json); key.sub=value overrides
-	@best="$$($(PY) pipeline/tune.py --best-overrides $(OVERRIDES))" && echo "best params: $$best" && \
-	set -x && $(PY) pipeline/train.py $$best $(OVERRIDES)
+train-best: setup  ## train with the best params of this configuration's study; key.sub=value overrides
+	@best="$$($(P2S) tune --best-overrides $(if $(STORAGE),"tune.storage=$(STORAGE)") $(OVERRIDES))" && \
+	echo "best params: $$best" && set -x && $(P2S) train $$best $(OVERRIDES)
 
 dashboard: setup  ## optuna-dashboard on the study storage at http://127.0.0.1:8080 (PORT=..., STORAGE=...)
-	.venv/bin/optuna-dashboard "$$($(PY) pipeline/tune.py --print-storage $(if $(STORAGE),"tune.storage=$(STORAGE)") $(OVERRIDES))" \
+	.venv/bin/optuna-dashboard "$$($(P2S) tune --print-storage $(if $(STORAGE),"tune.storage=$(STORAGE)") $(OVERRIDES))" \
 		--host 127.0.0.1 --port $${PORT:-8080}
 
 .PHONY: tune tune-worker train-best dashboard

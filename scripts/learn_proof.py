@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from pix2seq.config import atomic_write_text, load_config
+from pix2seq.atomic import atomic_write_text
+from pix2seq.config import load_config
 from pix2seq.data.download import run_download
 from pix2seq.data.loaders import load_detection_data
 from pix2seq.data.prepare import run_prepare
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "LOCAL_RANK" not in os.environ:  # once, before torchrun starts the workers
         run_download(cfg)  # the generated dataset is written once, then reused
         run_prepare(cfg, report_path=Path(cfg.data.prepared_dir) / "report.json", progress=False)
-        relaunch_under_torchrun(__file__, argv, processes=args.procs)
+        relaunch_under_torchrun([__file__, *argv], processes=args.procs)
 
     t0 = time.perf_counter()
     result = run_training(

@@ -1,4 +1,5 @@
-"""`pix2seq predict`: inputs, outputs, model lookup (paths and MLflow URIs) and one-line errors."""
+"""The `pix2seq` command line: `predict` (inputs, outputs, model lookup through paths and MLflow URIs,
+COCO results), one-line errors with "did you mean" for every command, `--version`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 from PIL import Image
 from test_serving import registered_model_info
 
-from pix2seq.cli import collect_images, main, split_overrides
+from pix2seq.cli import main
+from pix2seq.cli.predict import collect_images, split_overrides
 from pix2seq.inference import ImageReadError, read_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,12 +178,14 @@ def test_predict_registered_model_uris_with_overrides(registered, images, tmp_pa
     results = {}
     for uri in ("models:/pix2seq@champion", f"runs:/{run_id}/model", f"runs:/{run_id}/checkpoints/best.pt"):
         out = tmp_path / uri.replace(":", "").replace("/", "_")
-        code, _, err = _run(
+        code, stdout, err = _run(
             ["predict", img, "--model", uri, "--tracking-uri", registered["uri"], "--out", str(out),
              "--device", "cpu", "--score-threshold", "0.0", "eval.decoding=beam", "eval.beam_size=2"],
             capsys,
         )  # fmt: skip
         assert code == 0, f"{uri}: {err}"
+        if uri.endswith("@champion"):  # it says which task's champion it used
+            assert "(champion of task " in stdout and "@champion-" in stdout, stdout
         rep = _report(out)
         assert rep["overrides"] == ["eval.decoding=beam", "eval.beam_size=2"]
         (entry,) = rep["images"]
@@ -299,7 +303,7 @@ def test_make_predict_target_passes_arguments():
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    cmd = " ".join(ln for ln in r.stdout.replace("\\\n", " ").splitlines() if "pix2seq.cli predict" in ln)
+    cmd = " ".join(ln for ln in r.stdout.replace("\\\n", " ").splitlines() if "bin/pix2seq predict" in ln)
     assert 'predict a.jpg data/b.jpg --model "runs/x/model.pt"' in cmd
     assert (
         "--device cpu" in cmd
@@ -317,3 +321,55 @@ def test_weights_convert_without_tensorflow_names_the_extra(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip()
     assert err.startswith("pix2seq weights convert: error:") and "\n" not in err
     assert "'official' extra: uv sync --extra official" in err and not (tmp_path / "m.pt").exists()
+
+
+def test_predict_coco_results_format(registered, images, tmp_path, capsys):
+    """`--format coco`: a COCO results list; the image id is the file name's number, else its position."""
+    coco_named = images / "000000000042.jpg"
+    coco_named.write_bytes((images / "a.jpg").read_bytes())
+    out = tmp_path / "coco"
+    code, _, err = _run(
+        ["predict", str(images / "b.png"), str(coco_named), "--model", registered["model_pt"], "--out", str(out),
+         "--device", "cpu", "--score-threshold", "0", "--format", "coco"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads((out / "detections.json").read_text())
+    assert isinstance(results, list) and results
+    assert {r["image_id"] for r in results} == {1, 42}
+    cats = {int(c["id"]) for c in registered["categories"]}
+    for r in results:
+        assert set(r) == {"image_id", "category_id", "bbox", "score"} and r["category_id"] in cats
+        x, y, w, h = r["bbox"]
+        assert w >= 0 and h >= 0 and 0.0 <= r["score"] <= 1.0
+    from pix2seq.evaluation.coco import coco_evaluate
+
+    gt = json.loads((Path(registered["root"]) / "annotations" / "instances_val2017.json").read_text())
+    coco_evaluate(gt, [r for r in results if r["image_id"] in {im["id"] for im in gt["images"]}])  # loadable
+
+
+def test_version_and_one_line_config_errors(tmp_path, capsys, monkeypatch):
+    """Every command: a misspelled key is one line with a "did you mean", exit 2, no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("pix2seq ")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.001\n")
+    for argv, expect in (
+        (["train", "train.lrr=1e-3"], "pix2seq train: error: train.lrr: unknown key; did you mean train.lr?"),
+        (
+            ["eval", "eval.num_viss=4"],
+            "pix2seq eval: error: eval.num_viss: unknown key; did you mean eval.num_vis?",
+        ),
+        (
+            ["tune", "train.num_vis=4"],
+            "pix2seq tune: error: train.num_vis: unknown key; did you mean eval.num_vis?",
+        ),
+        (["prepare", "--params", "nope.yaml"], "pix2seq prepare: error: nope.yaml: config file not found"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [expect], err
+    (tmp_path / "params.yaml").write_text("trian:\n  lr: 0.001\n")
+    assert main(["download"]) == 2
+    assert "trian: unknown key; did you mean train?" in capsys.readouterr().err

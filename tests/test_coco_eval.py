@@ -14,10 +14,10 @@ from PIL import Image
 from pix2seq.evaluation import METRIC_NAMES, coco_evaluate, detections_to_coco
 from pix2seq.evaluation.plots import (
     draw_detections,
-    plot_metric_curves,
     plot_pr_curve,
     save_grid,
     write_per_class_table,
+    write_pr_curve_csv,
 )
 
 CATS = [{"id": 3, "name": "circle"}, {"id": 8, "name": "square"}, {"id": 11, "name": "triangle"}]
@@ -204,12 +204,11 @@ def test_report_plots_and_tables(tmp_path):
     r = coco_evaluate(gt, _dets(gt))
     plot_pr_curve(r, tmp_path / "plots" / "pr.png")
     write_per_class_table(r, tmp_path / "per_class.md", tmp_path / "per_class.csv")
-    plot_metric_curves(
-        {"train/loss": [(0, 3.0), (10, 2.0), (20, 1.5)], "val/AP": [(20, 10.0)], "empty": []},
-        tmp_path / "curves.png",
-    )
+    write_pr_curve_csv(r, tmp_path / "pr_curve.csv")
     assert Image.open(tmp_path / "plots" / "pr.png").size[0] > 100
-    assert Image.open(tmp_path / "curves.png").size[0] > 100
+    pr = list(csv.DictReader((tmp_path / "pr_curve.csv").open()))
+    assert len(pr) == 101 and float(pr[0]["recall"]) == 0.0 and float(pr[-1]["recall"]) == 1.0
+    assert float(pr[0]["precision_iou50"]) == pytest.approx(float(r.precision_iou50[0]), abs=1e-6)
     md = (tmp_path / "per_class.md").read_text()
     assert "circle" in md and "| category_id |" in md
     rows = list(csv.DictReader((tmp_path / "per_class.csv").open()))

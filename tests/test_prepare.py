@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -227,22 +226,24 @@ def test_missing_split_directory(tmp_path):
         _prepare(root, tmp_path)
 
 
-def test_pipeline_script_on_generated_data(tiny_generated, tmp_path, monkeypatch):
-    """pipeline/prepare.py reads params.yaml in the working directory and writes the report."""
+def test_prepare_command_on_generated_data(tiny_generated, tmp_path, monkeypatch, capsys):
+    """`pix2seq prepare` reads params.yaml in the working directory and writes the report."""
+    from pix2seq.cli import main
+
     root, _ = tiny_generated
     params = {"data": {"root": str(root), "prepared_dir": "prepared"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    spec = importlib.util.spec_from_file_location("pipeline_prepare", REPO / "pipeline" / "prepare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main([]) == 0
+    assert main(["prepare"]) == 0
     report = json.loads((tmp_path / "reports" / "prepare.json").read_text())
     assert report["train2017"]["images_kept"] == 24 and report["val2017"]["images_kept"] == 8
     assert report["num_categories"] == 3
     m = json.loads((tmp_path / "prepared" / "train2017.json").read_text())
     assert len(m["images"]) == 24 and (Path(m["root"]) / m["images"][0][1]).is_file()
-    assert mod.main(["data.prepare.max_bad_fraction=2.0"]) == 2  # a config error is a clean failure
+    capsys.readouterr()
+    assert main(["prepare", "data.prepare.max_bad_fraction=2.0"]) == 2  # a config error: one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pix2seq prepare: error: data.prepare.max_bad_fraction:"), err
 
 
 def test_duplicate_ids_are_reported_and_never_move_boxes(fixture_root, tmp_path):

@@ -1,7 +1,7 @@
 """The registered pyfunc model: in-process ``mlflow.pyfunc`` and a real ``mlflow models serve``.
 
 A tiny model is trained once per session into a temporary SQLite store (``run_training`` registers
-it as ``pix2seq`` and points ``champion`` at it); ``test_cli`` reuses it through
+it as ``pix2seq`` and points its task's ``champion-<task>`` alias at it); ``test_cli`` reuses it through
 :func:`registered_model_info`.
 """
 
@@ -23,7 +23,14 @@ from postgres_fixture import free_port, stop_process_group, wait_for_http
 mlflow = pytest.importorskip("mlflow")
 
 MODEL_NAME = "pix2seq"
-CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
+
+
+def champion_uri(registered: dict) -> str:
+    """``models:/pix2seq@champion-<task>`` of the session's registered model (its only task)."""
+    from pix2seq.tracking import champions
+
+    (task,) = champions(MODEL_NAME, registered["uri"])
+    return f"models:/{MODEL_NAME}@champion-{task}"
 
 
 # ------------------------------------------------------------------------- shared tiny training
@@ -162,16 +169,21 @@ def test_input_layouts_and_base64_variants():
 
 
 def test_pyfunc_load_and_predict(registered):
-    """``mlflow.pyfunc.load_model('models:/pix2seq@champion').predict(DataFrame)`` -> detections."""
+    """``mlflow.pyfunc.load_model('models:/pix2seq@champion-<task>').predict(DataFrame)`` -> detections;
+    the logged model carries a validation image as its input example."""
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(registered["uri"])
     try:
         client = mlflow.tracking.MlflowClient(registered["uri"])
-        mv = client.get_model_version_by_alias(MODEL_NAME, "champion")
+        uri = champion_uri(registered)
+        mv = client.get_model_version_by_alias(MODEL_NAME, uri.rsplit("@", 1)[1])
         assert mv.run_id == registered["run_id"]
-        model = mlflow.pyfunc.load_model(CHAMPION_URI)
+        model = mlflow.pyfunc.load_model(uri)
+        example = model.input_example
+        assert list(example.columns) == ["image"] and len(example) == 1
+        assert base64.b64decode(example["image"][0]) == Path(registered["val_images"][0]).read_bytes()
     finally:
         mlflow.set_tracking_uri(None)
     schema = model.metadata.get_input_schema()
@@ -210,7 +222,7 @@ def _post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
 
 @pytest.mark.slow
 def test_mlflow_models_serve_http(registered, tmp_path):
-    """``mlflow models serve -m models:/pix2seq@champion`` answers POST /invocations on 127.0.0.1."""
+    """``mlflow models serve -m models:/pix2seq@champion-<task>`` answers POST /invocations on 127.0.0.1."""
     port = free_port()
     bindir = str(Path(sys.executable).parent)
     env = {
@@ -221,7 +233,7 @@ def test_mlflow_models_serve_http(registered, tmp_path):
         # `--env-manager local` starts `uvicorn` by name: the venv's bin must be on PATH
         "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
     }
-    cmd = [str(Path(bindir) / "mlflow"), "models", "serve", "-m", CHAMPION_URI, "--env-manager", "local",
+    cmd = [str(Path(bindir) / "mlflow"), "models", "serve", "-m", champion_uri(registered), "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port), "-w", "1"]  # fmt: skip
     log = tmp_path / "serve.log"
     with open(log, "wb") as logf:

@@ -73,7 +73,8 @@ def test_training_run_tracked_on_postgres_server(
 ):
     from mlflow.tracking import MlflowClient
 
-    from pix2seq.cli import main, use_mlflow_uris
+    from pix2seq.cli import main
+    from pix2seq.tracking import champions, resolve_model
 
     monkeypatch.chdir(tmp_path)  # nothing may fall back to a default store in the repository
 
@@ -88,26 +89,24 @@ def test_training_run_tracked_on_postgres_server(
     p = run.data.params
     assert p["model.d_model"] == "64" and p["model.backbone"] == "resnet18" and p["train.epochs"] == "1"
     m = run.data.metrics
-    assert {"AP", "AP50", "AP75", "best_AP", "train/loss"} <= set(m), sorted(m)
-    assert m["best_AP"] == pytest.approx(result.best_ap)
+    assert {"val/AP", "val/AP50", "val/AP75", "val/best_AP", "train/loss"} <= set(m), sorted(m)
+    assert m["val/best_AP"] == pytest.approx(result.best_ap)
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.name == "team-setup" and exp.artifact_location.startswith("mlflow-artifacts:")
 
     names = {f.path for f in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "train_summary.json", "checkpoints"} <= names, names
     ckpts = {f.path for f in client.list_artifacts(result.run_id, "checkpoints")}
-    assert {"checkpoints/best.pt", "checkpoints/last.pt"} <= ckpts, ckpts
+    assert ckpts == {"checkpoints/best.pt"}, ckpts
     assert list(artifacts.rglob("best.pt")), "artifacts did not reach --artifacts-destination"
 
-    mv = client.get_model_version_by_alias("pix2seq", "champion")
-    assert mv.run_id == result.run_id and mv.tags["AP"] == repr(float(result.best_ap))
-    with use_mlflow_uris(uri, uri):  # MLflow resolves models:/ against its global registry URI
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                f"models:/pix2seq/{mv.version}", dst_path=str(tmp_path / "dl")
-            )
-        )
-    assert (local / "MLmodel").is_file() and (local / "artifacts" / "model.pt").is_file()
+    ((task, version),) = champions("pix2seq", uri).items()
+    mv = client.get_model_version("pix2seq", version)
+    assert mv.run_id == result.run_id and mv.tags["AP"] == repr(float(result.best_ap)) and mv.tags["task"] == task
+    # resolved with explicit URIs (no global MLflow state), artifacts proxied by the server
+    resolved = resolve_model(f"models:/pix2seq/{mv.version}", tmp_path / "dl", tracking_uri=uri)
+    local = resolved.checkpoint.parents[1]
+    assert (local / "MLmodel").is_file() and resolved.checkpoint == local / "artifacts" / "model.pt"
     assert list(artifacts.rglob("model.pt")), "the logged model is not in --artifacts-destination"
 
     import psycopg2  # the records really are in PostgreSQL

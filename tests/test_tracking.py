@@ -1,21 +1,29 @@
-"""MLflow tracking against a throw-away SQLite store: runs, resume, datasets, registry, champion."""
+"""MLflow tracking against a throw-away SQLite store: runs, resume, datasets, images, the registry
+with one champion per task, and model-spec resolution."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from pix2seq.config import Config
 from pix2seq.tracking import (
+    ModelNotFound,
     RunTracker,
+    champions,
     default_tracking_uri,
     file_digest,
     find_repo_root,
     promote_champion,
+    readable_run_name,
     register_model,
+    resolve_model,
+    sqlite_path,
+    task_name,
 )
 
 mlflow = pytest.importorskip("mlflow")
@@ -67,6 +75,13 @@ def test_default_tracking_uri_and_repo_root(tmp_path, monkeypatch):
     exp.mkdir(parents=True)
     (exp / "params.yaml").write_text("seed: 0\n")
     assert find_repo_root(exp) == tmp_path.resolve()  # DVC temp workspaces log to the real repo
+    assert sqlite_path("sqlite:///rel/m.db") == Path("rel/m.db")
+    assert sqlite_path("sqlite:////abs/m.db") == Path("/abs/m.db")
+    assert sqlite_path("sqlite:///:memory:") is None and sqlite_path("postgresql://u@h/db") is None
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-happy-fox")
+    assert readable_run_name("train") == "exp-happy-fox"  # the name `dvc exp show` lists
+    monkeypatch.delenv("DVC_EXP_NAME")
+    assert readable_run_name("train").startswith("train-20")
 
 
 def test_disabled_tracker_is_a_noop(tmp_path, monkeypatch):
@@ -103,7 +118,12 @@ def test_run_logs_params_metrics_artifacts_tags_dataset(store, tmp_path, monkeyp
         t.log_artifact(tmp_path / "metrics.json")
         t.log_artifact(tmp_path / "reports", "reports")
         t.log_dict({"AP": 1.5}, "eval/metrics.json")
+        t.log_artifact_as(tmp_path / "metrics.json", "checkpoints/best.json")
         digest = t.log_dataset(manifest, "generated-train", context="training")
+        import torch
+
+        for step in (10, 20):
+            t.log_image(torch.full((3, 8, 12), step, dtype=torch.uint8), "val/predictions", step=step)
 
     c: MlflowClient = store["client"]
     run = c.get_run(rid)
@@ -128,7 +148,10 @@ def test_run_logs_params_metrics_artifacts_tags_dataset(store, tmp_path, monkeyp
     assert run.data.tags["stage"] == "train"
     # artifacts, stored beside the database (not in the cwd's ./mlruns)
     top = {a.path for a in c.list_artifacts(rid)}
-    assert {"metrics.json", "reports", "eval"} <= top
+    assert {"metrics.json", "reports", "eval", "images"} <= top
+    assert [a.path for a in c.list_artifacts(rid, "checkpoints")] == ["checkpoints/best.json"]
+    images = [a.path for a in c.list_artifacts(rid, "images")]  # one image per step, the step in its name
+    assert len([p for p in images if p.endswith(".png")]) == 2 and any("+step+10+" in p for p in images), images
     assert [a.path for a in c.list_artifacts(rid, "reports")] == ["reports/per_class.md"]
     assert run.info.artifact_uri.startswith((store["root"] / "mlruns").resolve().as_uri())
     # dataset input
@@ -205,27 +228,49 @@ class _Constant(mlflow.pyfunc.PythonModel):
         return [42] * len(model_input)
 
 
-def test_register_and_champion_moves_only_on_improvement(store):
+def test_one_champion_per_task(store, tmp_path):
+    """Versions compete only within their task (validation set); `@champion` resolves to the task's
+    champion when one task has one, and asks which otherwise."""
     c: MlflowClient = store["client"]
     name = "pix2seq-test"
+    shapes, coco = task_name("generated", "3f2a9c1b" + "0" * 24), task_name("My COCO!", "8e1d" * 8)
+    assert (shapes, coco) == ("generated-3f2a9c1b", "my-coco-8e1d8e1d")
 
-    def logged_run() -> str:
+    def version(ap: float, task: str) -> str:
         with RunTracker(_cfg()) as t:
-            mlflow.pyfunc.log_model(name="model", python_model=_Constant(), pip_requirements=["mlflow"])
-        return t.run_id
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=_Constant(), pip_requirements=["mlflow"]
+            )
+        digest = task.rsplit("-", 1)[1] + "0" * 24
+        return register_model(name, t.run_id, info.model_id, ap, task=task, val_digest=digest)
 
-    r1, r2, r3 = logged_run(), logged_run(), logged_run()
-    v1 = register_model(r1, "model", name, 30.0)
-    assert promote_champion(name, v1) is True  # the first version always becomes champion
-    v2 = register_model(r2, "model", name, 25.0)
-    assert promote_champion(name, v2, 25.0) is False
-    assert str(c.get_model_version_by_alias(name, "champion").version) == v1  # int from SQLite, str via REST
-    v3 = register_model(r3, "model", name, 40.0, tags={"dataset": "generated"})
-    assert promote_champion(name, v3) is True
-    assert promote_champion(name, v3) is True  # already champion: idempotent
-    assert promote_champion(name, v1, 30.0) is False  # no going back to a worse version
-    champ = c.get_model_version_by_alias(name, "champion")
-    assert str(champ.version) == v3 and champ.tags["AP"] == "40.0" and champ.tags["dataset"] == "generated"
-    assert champ.run_id == r3
-    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    v1 = version(30.0, shapes)
+    assert promote_champion(name, v1) is True  # the first version of a task always becomes its champion
+    resolved = resolve_model(f"models:/{name}@champion", tmp_path / "dl1")
+    assert f"champion of task {shapes}" in resolved.source and resolved.pyfunc_dir is not None
+    v2 = version(25.0, shapes)
+    assert promote_champion(name, v2) is False  # worse on the same validation set
+    v3 = version(10.0, coco)
+    assert promote_champion(name, v3) is True  # another task: not compared with the shapes' 30 AP
+    assert champions(name) == {shapes: v1, coco: v3}
+    v4 = version(40.0, shapes)
+    assert promote_champion(name, v4) is True and promote_champion(name, v4) is True  # idempotent
+    assert promote_champion(name, v1) is False  # no going back to a worse version
+    assert champions(name) == {shapes: v4, coco: v3}
+    champ = c.get_model_version_by_alias(name, f"champion-{shapes}")
+    assert (
+        champ.tags["AP"] == "40.0"
+        and champ.tags["task"] == shapes
+        and champ.tags["val_digest"].startswith("3f2a")
+    )
+
+    with pytest.raises(ModelNotFound, match="champions for 2 tasks.*@champion-generated-3f2a9c1b"):
+        resolve_model(f"models:/{name}@champion", tmp_path / "dl2")
+    resolved = resolve_model(f"models:/{name}@champion-{coco}", tmp_path / "dl3")
+    assert f"champion of task {coco}, v{v3}" in resolved.source
+    model = mlflow.pyfunc.load_model(str(resolved.pyfunc_dir))
     assert list(model.predict([1, 2])) == [42, 42]
+    with pytest.raises(ModelNotFound, match="no such file"):
+        resolve_model(str(tmp_path / "nope.pt"), tmp_path)
+    with pytest.raises(ModelNotFound, match="official checkpoints are not available"):
+        resolve_model("official:resnet_640", tmp_path)

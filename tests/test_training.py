@@ -16,6 +16,7 @@ from conftest import tiny_train_config
 from pix2seq.checkpoint import CheckpointManager, load_checkpoint
 from pix2seq.config import load_config
 from pix2seq.engine import NonFiniteLossError
+from pix2seq.tracking import champions
 from pix2seq.training import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +87,9 @@ def test_two_processes_equal_one_process(single_process_run, tiny_prepared, tmp_
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        str(REPO / "pipeline" / "train.py"),
+        "-m",
+        "pix2seq.cli",
+        "train",
         "--params",
         str(params),
         *over,
@@ -132,8 +135,8 @@ def test_sigkill_and_resume_is_bit_identical(tiny_prepared, tmp_path, mlflow_sto
     params.write_text("{}\n")
     killed_dir = tmp_path / "killed"
     cmd = [
-        sys.executable,
-        str(REPO / "pipeline" / "train.py"),
+        str(REPO / "bin" / "pix2seq"),
+        "train",
         "--params",
         str(params),
         *tiny_train_config(root, prepared, killed_dir, **over),
@@ -200,35 +203,33 @@ def test_non_finite_loss_stops_naming_the_step(tiny_prepared, tmp_path, mlflow_s
 def test_mlflow_run_reads_back(single_process_run):
     from mlflow import MlflowClient
 
-    cfg, result, store, _ = single_process_run
+    cfg, result, store, tmp = single_process_run
     client = MlflowClient(tracking_uri=store)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert float(run.data.params["train.lr"]) == pytest.approx(cfg.train.lr)
     assert run.data.params["model.backbone"] == "resnet18"
-    for key in (
-        "AP",
-        "AP50",
-        "AP75",
-        "APs",
-        "APm",
-        "APl",
-        "AR100",
-        "train/loss",
-        "train/lr",
-        "train/grad_norm",
-        "train/images_per_s",
-    ):
-        assert key in run.data.metrics, key
-    assert len(client.get_metric_history(result.run_id, "AP")) == 2  # one per epoch
+    assert run.info.run_name.startswith("train-20")  # readable (the DVC experiment's name under dvc exp run)
+    metrics = set(run.data.metrics)
+    assert {f"val/{k}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "best_AP")} <= metrics
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/epoch_loss"} <= metrics
+    assert not {m for m in metrics if "/" not in m}, "every metric carries its phase as a prefix"
+    assert len(client.get_metric_history(result.run_id, "val/AP")) == 2  # one per epoch
+    images = [a.path for a in client.list_artifacts(result.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(p.split("+step+")[1].split("+")[0] for p in images) == ["12", "6"]  # the grid at every evaluation
     assert "git.commit" in run.data.tags
     assert {d.dataset.digest for d in run.inputs.dataset_inputs}
     arts = {a.path for a in client.list_artifacts(result.run_id)}
     assert "config.yaml" in arts and "checkpoints" in arts and "train_summary.json" in arts
-    ckpts = {a.path for a in client.list_artifacts(result.run_id, "checkpoints")}
-    assert {"checkpoints/last.pt", "checkpoints/best.pt"} <= ckpts
-    mv = client.get_model_version_by_alias(cfg.tracking.model_name, "champion")
-    assert mv.run_id == result.run_id
+    (best,) = client.list_artifacts(result.run_id, "checkpoints")  # best.pt only, without optimizer state
+    assert best.path == "checkpoints/best.pt"
+    local = client.download_artifacts(result.run_id, best.path, str(tmp / "dl"))
+    assert "optimizer" not in load_checkpoint(local) and "model" in load_checkpoint(local)
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert model.source_run_id == result.run_id
+    ((task, version),) = champions(cfg.tracking.model_name, store).items()
+    mv = client.get_model_version(cfg.tracking.model_name, version)
+    assert mv.run_id == result.run_id and mv.tags["task"] == task and task.startswith(Path(cfg.data.root).name)
     losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
     assert losses[-1] < losses[0]
 

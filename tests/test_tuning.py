@@ -191,7 +191,10 @@ def _wait(procs: list[subprocess.Popen], tmp: Path, timeout: float = 240) -> Non
         assert p.returncode == 0, (tmp / f"{name}.log").read_text()[-4000:]
 
 
-def _study(storage: str, name: str = "s") -> optuna.Study:
+def _study(storage: str) -> optuna.Study:
+    """The storage's one study (``s-<digest>``: the test configs' tune.study_name is "s")."""
+    (name,) = optuna.get_all_study_names(storage)
+    assert name.startswith("s-"), name
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -299,10 +302,11 @@ def test_trial_config_budget_and_search_space(tmp_path):
     assert (t.train.epochs, t.train.max_minutes, t.train.eval_every_epochs) == (8, 0.0, 2)
     assert tuning.trial_output_dir("runs/tune", "my study/1", 7) == Path("runs/tune/my_study_1/trial-7")
 
-    tcfg = load_config(
+    cfg = load_config(
         None, ["tune.lr_min=1e-4", "tune.lr_max=3e-3", "tune.repeat_min=1", "tune.repeat_max=3"]
-    ).tune
-    study = optuna.create_study(direction="maximize", sampler=tuning.make_sampler(tcfg))
+    )
+    tcfg = cfg.tune
+    study = optuna.create_study(direction="maximize", sampler=tuning.make_sampler(cfg)[0])
     for _ in range(12):
         p = tuning.suggest_params(study.ask(), tcfg)
         assert 1e-4 <= p["train.lr"] <= 3e-3 and p["train.batch_repeat"] in (1, 2, 3)
@@ -310,7 +314,7 @@ def test_trial_config_budget_and_search_space(tmp_path):
     assert d["train.lr"].log and isinstance(d["train.batch_repeat"], optuna.distributions.IntDistribution)
 
     def draws(seed: int) -> list[float]:
-        s = optuna.create_study(sampler=tuning.TrialSeededTPESampler(seed=seed, n_startup_trials=10))
+        s = optuna.create_study(sampler=tuning.TrialSeededSampler(seed=seed, n_startup_trials=10))
         return [s.ask().suggest_float("x", 0, 1) for _ in range(3)]
 
     assert draws(0) == draws(0) != draws(1)  # seeded; trial n draws from seed + n (workers differ)
@@ -322,7 +326,7 @@ def test_bad_lr_pruned_and_failures_recorded(fake, tmp_path, mlflow_copy):
     a NaN loss is PRUNED (diverged), a crash is FAIL and the study goes on; Ctrl-C stops the study."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = load_config(None, _tune_overrides(tmp_path, storage, n_trials=4))
-    study, _ = tuning.open_study("s", storage)
+    study, _ = tuning.open_study(tuning.study_name(cfg), storage)
     for lr in (GOOD_LR, BAD_LR, DIVERGE_LR, CRASH_LR, GOOD_LR):
         study.enqueue_trial({"train.lr": lr, "train.batch_repeat": 1})
     pruner = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
@@ -342,9 +346,9 @@ def test_bad_lr_pruned_and_failures_recorded(fake, tmp_path, mlflow_copy):
     assert summary.counts["COMPLETE"] + summary.counts["PRUNED"] == 4
     assert summary.best["trial"] in (0, 4) and summary.best["train.lr"] == GOOD_LR
     assert json.loads((tmp_path / "best_params.json").read_text()) == summary.best
-    assert set(summary.best) == {"train.lr", "train.batch_repeat", "AP", "trial", "study"}
+    assert set(summary.best) == {"train.lr", "train.batch_repeat", "AP", "trial", "study", "config_digest"}
     for n in range(5):  # every trial its own folder
-        assert (tmp_path / "runs" / "s" / f"trial-{n}").is_dir()
+        assert (tmp_path / "runs" / tuning.study_name(cfg) / f"trial-{n}").is_dir()
 
     runs = _child_runs(mlflow_copy, summary.parent_run_id)
     assert {n: r.data.tags["optuna.trial_state"] for n, r in runs.items()} == _states(study)
@@ -434,10 +438,10 @@ def test_torchrun_worker_ranks_in_lockstep(fake, tmp_path, mlflow_template):
     rank 0's pruning decision reaches rank 1."""
     storage, mlflow_uri = f"sqlite:///{tmp_path / 'optuna.db'}", _mlflow_sqlite(mlflow_template, tmp_path)
     _init_mlflow(mlflow_uri, tmp_path)
-    study, _ = tuning.open_study("s", storage)
+    over = _tune_overrides(tmp_path, storage, n_trials=3, **{"tune.lr_max": 10.0})
+    study, _ = tuning.open_study(tuning.study_name(load_config(None, over)), storage)
     for lr in (GOOD_LR, BAD_LR):
         study.enqueue_trial({"train.lr": lr, "train.batch_repeat": 2})
-    over = _tune_overrides(tmp_path, storage, n_trials=3, **{"tune.lr_max": 10.0})
     port = str(free_port())  # the environment torchrun gives its ranks (launched directly: one import less)
     ranks = [
         _spawn(
@@ -469,15 +473,73 @@ def test_torchrun_worker_ranks_in_lockstep(fake, tmp_path, mlflow_template):
     assert len([ln for ln in r1 if ln.startswith("trial-2")]) >= 1  # a third, sampled trial on both ranks
 
 
+def test_study_is_tied_to_its_configuration(tmp_path, mlflow_copy, fake):
+    """The study's name carries a digest of what a trial trains: the tuned keys, the trial folders, the
+    study's bookkeeping and runtime keys leave it alone, anything a trial reads changes it;
+    `--best-overrides` (make train-best) reads the current configuration's study only."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    base = _tune_overrides(tmp_path, storage, n_trials=1, **{"tune.lr_max": 3e-3})
+    name = tuning.study_name(load_config(None, base))
+    assert name.startswith("s-") and len(name) == len("s-") + 8
+    for same in ("train.lr=0.1", "train.batch_repeat=3", "train.output_dir=x", "tune.n_trials=50",
+                 "tune.storage=sqlite:///other.db", "tracking.experiment=x", "data.num_workers=7",
+                 "eval.num_vis=3"):  # fmt: skip
+        assert tuning.study_name(load_config(None, [*base, same])) == name, same
+    for other in (
+        "model.d_model=64",
+        "data.image_size=128",
+        "tokenizer.bins=64",
+        "seed=1",
+        "eval.decoding=beam",
+        "tune.lr_max=0.01",
+        "tune.trial_minutes=2",
+        "train.max_minutes=1",
+    ):  # fmt: skip  (no tune.trial_* budget: the train section is it)
+        assert tuning.study_name(load_config(None, [*base, other])) != name, other
+
+    cfg = load_config(None, base)
+    with pytest.raises(tuning.StudyError, match=f"no study {name} in .*run `make tune` first"):
+        tuning.best_overrides(cfg)
+    tuning.run_study(cfg, train_fn=fake.fake_train, runs_dir=tmp_path / "runs", plots=False)
+    (trial,) = _study(storage).trials
+    assert tuning.best_overrides(cfg) == [
+        f"train.lr={trial.params['train.lr']!r}",
+        f"train.batch_repeat={trial.params['train.batch_repeat']}",
+    ]
+    changed = load_config(None, [*base, "model.d_model=64"])  # model params changed since the study ran
+    with pytest.raises(tuning.StudyError, match="the configuration changed since the last tuning"):
+        tuning.best_overrides(changed)
+
+
+def test_pruner_waits_for_the_click():
+    """Neither pruner stops a trial in the first tune.pruner_warmup of its evaluations."""
+    cfg = load_config(None, ["tune.trial_minutes=2", "tune.n_trials=8", "train.eval_every_minutes=0.5"])
+    pruner, desc = tuning.make_pruner(cfg)  # 4 evaluations a trial, warm-up 0.5: the 3rd may prune
+    assert "n_warmup_steps=3" in desc and "4 evaluations" in desc
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for _ in range(2):  # two good finished trials
+        t = study.ask()
+        for step in range(1, 5):
+            t.report(50.0 * step, step)
+        study.tell(t, 200.0)
+    late = study.ask()  # a trial whose classes click late: AP 0 at evaluations 1 and 2
+    for step in (1, 2):
+        late.report(0.0, step)
+        assert not late.should_prune(), step
+    late.report(0.0, 3)
+    assert late.should_prune()  # still nothing after the warm-up: pruned
+    cfg = load_config(None, ["tune.trial_minutes=2", "train.eval_every_minutes=0.5", "tune.pruner_warmup=0"])
+    assert "n_warmup_steps=1" in tuning.make_pruner(cfg)[1]
+    cfg = load_config(None, ["tune.trial_minutes=2", "train.eval_every_minutes=0.5", "tune.pruner=hyperband"])
+    assert "min_resource=3" in tuning.make_pruner(cfg)[1]
+
+
 @pytest.mark.slow
-def test_real_trials_end_to_end(tiny_prepared, tmp_path, mlflow_copy, monkeypatch):
-    """`pipeline/tune.py` with run_training: 2 tiny trials, best_params.json, MLflow nesting and plots,
-    then `--best-overrides` for `make train-best`."""
-    sys.path.insert(0, str(REPO / "pipeline"))
-    try:
-        import tune as tune_cli
-    finally:
-        sys.path.remove(str(REPO / "pipeline"))
+def test_real_trials_end_to_end(tiny_prepared, tmp_path, mlflow_copy, monkeypatch, capsys):
+    """`pix2seq tune` with run_training: 2 tiny trials, best_params.json, MLflow nesting and plots,
+    then `pix2seq tune --best-overrides` for `make train-best`."""
+    from pix2seq.cli import main
+
     root, prepared = tiny_prepared
     params = tmp_path / "params.yaml"
     params.write_text("{}\n")
@@ -486,15 +548,15 @@ def test_real_trials_end_to_end(tiny_prepared, tmp_path, mlflow_copy, monkeypatc
         tmp_path, storage, n_trials=2, **{"tune.lr_max": 3e-3, "tune.trial_epochs": 2, "tune.pruner": "none"}
     )
     monkeypatch.chdir(tmp_path)
-    assert tune_cli.main(["--params", str(params), "--runs-dir", str(tmp_path / "runs"), *over]) == 0
+    assert main(["tune", "--params", str(params), "--runs-dir", str(tmp_path / "runs"), *over]) == 0
 
     study = _study(storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     best = json.loads((tmp_path / "best_params.json").read_text())
-    assert best["trial"] in (0, 1) and best["study"] == "s" and math.isfinite(best["AP"])
+    assert best["trial"] in (0, 1) and best["study"] == study.study_name and math.isfinite(best["AP"])
     for t in study.trials:  # the objective is the trial's final AP; two evaluations were reported
         summary = json.loads(
-            (tmp_path / "runs" / "s" / f"trial-{t.number}" / "train_summary.json").read_text()
+            (tmp_path / "runs" / study.study_name / f"trial-{t.number}" / "train_summary.json").read_text()
         )
         assert t.value == pytest.approx(max(summary["final_AP"], 0.0))
         assert sorted(t.intermediate_values) == [1, 2]
@@ -503,40 +565,39 @@ def test_real_trials_end_to_end(tiny_prepared, tmp_path, mlflow_copy, monkeypatc
 
     client = MlflowClient(tracking_uri=mlflow_copy)
     (parent,) = _study_runs(mlflow_copy)
+    assert parent.info.run_name == f"study-{study.study_name}"
     runs = _child_runs(mlflow_copy, parent.info.run_id)
     assert sorted(runs) == [0, 1]
     for n, r in runs.items():
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.info.status == "FINISHED"
-        assert r.data.tags["optuna.trial_state"] == "COMPLETE"
+        assert (
+            r.data.tags["optuna.trial_state"] == "COMPLETE"
+            and r.info.run_name == f"{study.study_name}-trial-{n}"
+        )
         assert float(r.data.params["train.lr"]) == pytest.approx(study.trials[n].params["train.lr"])
         assert r.data.params["train.batch_repeat"] == str(study.trials[n].params["train.batch_repeat"])
-        assert r.data.params["train.output_dir"] == str(tmp_path / "runs" / "s" / f"trial-{n}")
-        assert len(client.get_metric_history(r.info.run_id, "AP")) == 2  # the AP curve
+        assert r.data.params["train.output_dir"] == str(tmp_path / "runs" / study.study_name / f"trial-{n}")
+        assert len(client.get_metric_history(r.info.run_id, "val/AP")) == 2  # one per evaluation
     p = client.get_run(parent.info.run_id)
-    assert p.info.status == "FINISHED" and p.data.metrics["best_AP"] == pytest.approx(best["AP"])
+    assert p.info.status == "FINISHED" and p.data.metrics["study/best_AP"] == pytest.approx(best["AP"])
     assert p.data.tags["best.trial"] == str(best["trial"]) and "search_space" in p.data.params
+    assert p.data.params["config_digest"] == study.study_name.rsplit("-", 1)[1]
     plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"optimization_history.png", "parallel_coordinate.png"} <= plots
     assert "best_params.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert not client.search_registered_models()  # trials register no model
 
     # a finished study resumes as finished: no new trial
-    assert tune_cli.main(["--params", str(params), "--runs-dir", str(tmp_path / "runs"), *over]) == 0
+    assert main(["tune", "--params", str(params), "--runs-dir", str(tmp_path / "runs"), *over]) == 0
     assert len(_study(storage).trials) == 2
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "pipeline" / "tune.py"),
-            "--params",
-            str(params),
-            "--best-overrides",
-            f"tune.output={tmp_path / 'best_params.json'}",
-        ],
+    capsys.readouterr()
+    proc = subprocess.run(  # what `make train-best` runs
+        [str(REPO / "bin" / "pix2seq"), "tune", "--params", str(params), "--best-overrides", *over],
         capture_output=True,
         text=True,
         timeout=120,
-        env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+        env=dict(os.environ),
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [

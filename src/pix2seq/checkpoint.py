@@ -8,7 +8,7 @@ it *before* writing so a bad value fails at save time (naming its key), not hour
 
 The training engine's layout::
 
-    {"model", "optimizer", "scheduler", "scaler",            # state_dict()s
+    {"model", "optimizer", "scheduler",                      # state_dict()s
      "rng": capture_rng_state(),
      "epoch", "step_in_epoch", "global_step", "best_metric",
      "config": cfg.to_dict(),
@@ -21,8 +21,8 @@ Files written by :class:`CheckpointManager` in its directory::
     last.pt                 the most recent save (what ``resume`` reads)
     best.pt                 the save with the best validation metric
 
-Every file appears atomically (temporary file in the same directory, ``fsync``, ``os.replace``), so a
-crash or a full disk mid-write leaves the previous file intact and never a half-written one.
+Every file appears atomically (:mod:`pix2seq.atomic`), so a crash or a full disk mid-write leaves
+the previous file intact and never a half-written one.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ import logging
 import os
 import random
 import re
-import shutil
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,7 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pix2seq.config import Config, ConfigError, config_from_dict, current_umask
+from pix2seq.atomic import atomic_link, atomic_path
+from pix2seq.config import Config, ConfigError, config_from_dict
 from pix2seq.errors import Pix2SeqError
 from pix2seq.files import FileReadError, open_regular
 
@@ -57,6 +56,7 @@ __all__ = [
     "config_from_checkpoint",
     "capture_rng_state",
     "check_weights_only_safe",
+    "export_model_file",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
@@ -192,19 +192,6 @@ def check_weights_only_safe(obj: Any, where: str = "state") -> None:
 # ----------------------------------------------------------------------------------- save / load
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: PathLike, state: Mapping[str, Any], *, check: bool = True) -> Path:
     """Write ``state`` to ``path`` atomically: a temp file beside it, ``fsync``, ``os.replace``.
 
@@ -214,25 +201,14 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any], *, check: bool = T
     p = Path(path)
     if check:
         check_weights_only_safe(dict(state))
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(p.parent)
+    with atomic_path(p) as tmp:
+        torch.save(dict(state), tmp)
     return p
 
 
 # What a model file (the slim model.pt) and a training checkpoint hold, by entry and type.
 MODEL_ENTRIES = ("model", "config", "vocab", "categories")
-TRAINING_ENTRIES = (*MODEL_ENTRIES, "optimizer", "scheduler", "scaler", "rng", "epoch", "global_step")
+TRAINING_ENTRIES = (*MODEL_ENTRIES, "optimizer", "scheduler", "rng", "epoch", "global_step")
 _ENTRY_TYPES: dict[str, tuple[type, ...]] = {
     "model": (dict, OrderedDict),
     "config": (dict,),
@@ -240,7 +216,6 @@ _ENTRY_TYPES: dict[str, tuple[type, ...]] = {
     "categories": (list,),
     "optimizer": (dict,),
     "scheduler": (dict,),
-    "scaler": (dict,),
     "rng": (list, dict),
     "epoch": (int,),
     "global_step": (int,),
@@ -332,6 +307,14 @@ def config_from_checkpoint(
     except ConfigError as e:
         raise CheckpointError(f"{path}: its stored config does not load here ({e})") from None
     return config_from_dict(values, overrides) if overrides else cfg
+def export_model_file(checkpoint: PathLike, dest: PathLike) -> Path:
+    """A training checkpoint -> a slim model file (weights in fp32, config, vocab, categories; no
+    optimizer, scheduler or RNG state): ``model.pt``, what predict and the served model load."""
+    ckpt = load_checkpoint(checkpoint, map_location="cpu", required=MODEL_ENTRIES)
+    slim = {k: ckpt[k] for k in MODEL_ENTRIES}
+    slim.update({k: ckpt[k] for k in ("global_step", "best_metric") if k in ckpt})
+    slim["model"] = {k: v.float() if torch.is_floating_point(v) else v for k, v in slim["model"].items()}
+    return save_checkpoint(dest, slim)
 
 
 # --------------------------------------------------------------------------------------- manager
@@ -388,15 +371,11 @@ class CheckpointManager:
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         path = save_checkpoint(self.step_path(step), state)
-        self._link_atomic(path, self.last_path)
+        atomic_link(path, self.last_path)
         if is_best:
-            self._link_atomic(path, self.best_path)
+            atomic_link(path, self.best_path)
         self.prune(current=path)
         return path
-
-    def save_best_only(self, state: Mapping[str, Any]) -> Path:
-        """Write ``best.pt`` directly (e.g. after an evaluation that did not coincide with a save)."""
-        return save_checkpoint(self.best_path, state)
 
     def prune(self, current: Path | None = None) -> list[Path]:
         """Delete step checkpoints beyond the newest ``keep`` (never ``current``, last or best)."""
@@ -410,25 +389,6 @@ class CheckpointManager:
                 p.unlink(missing_ok=True)
                 removed.append(p)
         return removed
-
-    @staticmethod
-    def _link_atomic(src: Path, dst: Path) -> None:
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp_path = Path(tmp)
-        try:
-            tmp_path.unlink()
-            try:
-                os.link(src, tmp_path)
-            except OSError:
-                shutil.copyfile(src, tmp_path)
-                with open(tmp_path, "rb+") as f:
-                    os.fsync(f.fileno())
-            os.replace(tmp_path, dst)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
-        _fsync_dir(dst.parent)
 
     # reading
     def latest(self) -> Path | None:

@@ -1,24 +1,35 @@
 """One typed configuration, loaded from ``params.yaml`` with ``key.sub=value`` overrides.
 
-Every section is a dataclass. Loading rejects unknown keys, wrong types and impossible values
-with a :class:`ConfigError` whose message names the offending key (``train.lr``), so a typo in
-``params.yaml`` or on the command line fails before any work starts.
+Every section is a dataclass. Loading rejects unknown keys (with a "did you mean" for a near miss),
+wrong types and impossible values with a :class:`ConfigError` whose message names the offending key
+(``train.lr``), so a typo in ``params.yaml`` or on the command line fails before any work starts.
+
+Two things make the DVC pipeline exact (``tests/test_pipeline.py``):
+
+- :func:`recording_reads` collects the dotted keys code reads while a block runs, so a test can
+  check that every stage lists exactly the keys it reads under ``params:`` in ``dvc.yaml``;
+- fields marked :data:`RUNTIME` change how a stage runs or where it reports (worker counts,
+  checkpoint cadence, MLflow), never what it writes, so DVC does not track them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import functools
 import math
 import os
-import tempfile
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
+from pix2seq.atomic import atomic_write_text
 from pix2seq.errors import Pix2SeqError
 from pix2seq.files import FileReadError, read_regular
 
@@ -30,8 +41,75 @@ class ConfigError(Pix2SeqError, ValueError):
     """A bad configuration value; the message starts with the dotted key (or the file)."""
 
 
-@dataclass
-class GeneratedDataConfig:
+# A field that changes how a stage runs or where it reports, never what it writes (DVC ignores it).
+RUNTIME = {"runtime": True}
+
+# ----------------------------------------------------------------------------- read recording
+
+_recorders: list[set[str]] = []  # active recording_reads() blocks
+_paused = 0  # > 0 while the config reads itself (to_dict, flat, repr, eq)
+
+
+class Section:
+    """Base of every config section: reads of its fields are recorded while :func:`recording_reads`
+    is active (instances marked by :func:`untracked` excepted). ``_keys`` maps a field name to its
+    dotted key; it is filled once for every section class below."""
+
+    _keys: ClassVar[dict[str, str]] = {}
+    _untracked: ClassVar[bool] = False
+    __hash__ = None  # mutable
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        with _not_recorded():
+            return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self))
+
+    def __repr__(self) -> str:
+        with _not_recorded():
+            inner = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({inner})"
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if _recorders and not _paused:
+            key = type(self)._keys.get(name)
+            if key is not None and not object.__getattribute__(self, "_untracked"):
+                for r in _recorders:
+                    r.add(key)
+        return value
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[set[str]]:
+    """Yield the set of dotted keys (``train.lr``) that code reads from any config while the block runs."""
+    keys: set[str] = set()
+    _recorders.append(keys)
+    try:
+        yield keys
+    finally:
+        _recorders.remove(keys)
+
+
+@contextlib.contextmanager
+def _not_recorded() -> Iterator[None]:
+    global _paused
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
+
+
+def untracked(*sections: Section) -> None:
+    """Reads of these section instances are not recorded: their values did not come from params.yaml
+    (e.g. the model config a checkpoint carries)."""
+    for s in sections:
+        object.__setattr__(s, "_untracked", True)
+
+
+@dataclass(repr=False, eq=False)
+class GeneratedDataConfig(Section):
     """The offline dataset of coloured shapes on textured backgrounds (``data.source: generated``)."""
 
     image_size: int = 128
@@ -45,30 +123,42 @@ class GeneratedDataConfig:
     seed: int = 0
 
 
-@dataclass
-class DownloadConfig:
+@dataclass(repr=False, eq=False)
+class DownloadConfig(Section):
     """Where COCO 2017 comes from and how much of it (``data.source: coco``)."""
 
     base_url: str = "http://images.cocodataset.org"
     # all: train2017 + val2017 + annotations; val: val2017 + annotations only.
     subset: Literal["all", "val"] = "all"
     max_train_images: int = 0  # > 0: keep only the first N train images (small disks).
-    workers: int = 4
-    timeout_s: float = 60.0
-    retries: int = 3
+    workers: int = field(default=4, metadata=RUNTIME)
+    timeout_s: float = field(default=60.0, metadata=RUNTIME)
+    retries: int = field(default=3, metadata=RUNTIME)
     verify_checksums: bool = True
 
 
-@dataclass
-class PrepareConfig:
+@dataclass(repr=False, eq=False)
+class PrepareConfig(Section):
     max_bad_fraction: float = 0.01  # fail the stage when more images than this are unreadable
     min_box_size: float = 1.0  # boxes narrower or shorter than this (pixels) are dropped
     check_images: bool = True  # decode every image once to catch truncated files
 
 
-@dataclass
-class DataConfig:
-    source: Literal["generated", "coco"] = "generated"
+@dataclass(repr=False, eq=False)
+class LocalDataConfig(Section):
+    """Your own COCO-format data, anywhere on disk (``data.source: local``): the download stage links
+    these files into ``data.root`` (symlinks, nothing is copied) and prepare validates them there."""
+
+    train_annotations: str = ""  # COCO instances JSON of the training split
+    train_images: str = ""  # the folder its images' file_name entries are relative to
+    val_annotations: str = ""
+    val_images: str = ""
+
+
+@dataclass(repr=False, eq=False)
+class DataConfig(Section):
+    # generated: the offline shapes; coco: COCO 2017, downloaded; local: your files (data.local.*)
+    source: Literal["generated", "coco", "local"] = "generated"
     root: str = "data/generated"  # dataset root: <root>/annotations, <root>/<split images>
     train_split: str = "train2017"
     val_split: str = "val2017"
@@ -81,15 +171,17 @@ class DataConfig:
     detr_scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640])
     detr_crop: bool = True
     color_jitter: float = 0.0
-    num_workers: int = 2
+    # the samples depend only on the seed, not on which worker loads them
+    num_workers: int = field(default=2, metadata=RUNTIME)
     max_val_images: int = 0  # > 0: evaluate on the first N validation images only
     generated: GeneratedDataConfig = field(default_factory=GeneratedDataConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    local: LocalDataConfig = field(default_factory=LocalDataConfig)
 
 
-@dataclass
-class TokenizerConfig:
+@dataclass(repr=False, eq=False)
+class TokenizerConfig(Section):
     """Boxes <-> tokens and the sequence augmentation (spec sections 1-3)."""
 
     bins: int = 1000
@@ -118,8 +210,8 @@ class TokenizerConfig:
     coord_sigma: float = 0.0
 
 
-@dataclass
-class ModelConfig:
+@dataclass(repr=False, eq=False)
+class ModelConfig(Section):
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     pretrained: bool = False  # torchvision ImageNet weights (downloaded by torchvision on first use)
     backbone_stage: Literal["layer2", "layer3", "layer4"] = "layer4"  # strides 8, 16, 32 (C5)
@@ -160,8 +252,8 @@ class ModelConfig:
     max_seq_len: int = 0  # decoder positions; 0: 5 * tokenizer.max_instances + 1 (official: 512)
 
 
-@dataclass
-class TrainConfig:
+@dataclass(repr=False, eq=False)
+class TrainConfig(Section):
     epochs: int = 300
     max_minutes: float = 0.0  # > 0: a wall-clock budget; the schedule is laid out over it
     batch_size: int = 4  # distinct images per process per step
@@ -181,15 +273,15 @@ class TrainConfig:
     fused_adamw: bool = True  # fused AdamW kernel on CUDA and CPU
     eval_every_epochs: int = 10
     eval_every_minutes: float = 0.0  # > 0: also evaluate on this wall-clock period
-    checkpoint_every_steps: int = 500
-    keep_checkpoints: int = 2
+    checkpoint_every_steps: int = field(default=500, metadata=RUNTIME)
+    keep_checkpoints: int = field(default=2, metadata=RUNTIME)
     log_every_steps: int = 20
     output_dir: str = "runs/train"
-    resume: Literal["auto", "never"] = "auto"
+    resume: Literal["auto", "never"] = field(default="auto", metadata=RUNTIME)
 
 
-@dataclass
-class EvalConfig:
+@dataclass(repr=False, eq=False)
+class EvalConfig(Section):
     batch_size: int = 16
     decoding: Literal["greedy", "nucleus", "beam"] = "greedy"
     top_p: float = 0.4
@@ -205,8 +297,8 @@ class EvalConfig:
     checkpoint: str = ""  # empty: <train.output_dir>/best.pt
 
 
-@dataclass
-class TuneConfig:
+@dataclass(repr=False, eq=False)
+class TuneConfig(Section):
     study_name: str = "pix2seq"
     storage: str = "sqlite:///optuna.db"
     n_trials: int = 20
@@ -217,22 +309,29 @@ class TuneConfig:
     repeat_max: int = 3
     sampler_seed: int = 0
     pruner: Literal["median", "hyperband", "none"] = "median"
+    # the pruner never stops a trial in this first fraction of its evaluations: AP stays near 0
+    # until the classes "click", and a late click is not a bad trial
+    pruner_warmup: float = 0.5
     trial_minutes: float = 0.0  # training budget per trial (wall clock); 0: use train.epochs
     trial_epochs: int = 0
-    heartbeat_s: int = 60
+    heartbeat_s: int = field(default=60, metadata=RUNTIME)
     output: str = "reports/best_params.json"
 
 
-@dataclass
-class TrackingConfig:
+@dataclass(repr=False, eq=False)
+class TrackingConfig(Section):
+    """Where and how much MLflow records: runtime keys, DVC does not track them."""
+
     experiment: str = "pix2seq"
-    model_name: str = "pix2seq"  # registered model; alias 'champion' follows the best AP
+    # registered model; the alias champion-<task> follows the best AP per validation set
+    model_name: str = "pix2seq"
     register: bool = True
     log_system_metrics: bool = True
+    log_images: int = 16  # validation images in the prediction grid logged at every evaluation
 
 
-@dataclass
-class Config:
+@dataclass(repr=False, eq=False)
+class Config(Section):
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -240,10 +339,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=RUNTIME)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        with _not_recorded():
+            return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
         """``{"train.lr": 5e-4, ...}``: the whole config as MLflow-style params."""
@@ -259,6 +359,43 @@ class Config:
 
         walk("", self.to_dict())
         return out
+
+
+def _assign_keys(cls: type, prefix: str = "") -> None:
+    keys = {}
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            _assign_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys[f.name] = f"{prefix}{f.name}"
+    cls._keys = keys
+
+
+_assign_keys(Config)
+
+
+def runtime_keys() -> set[str]:
+    """The dotted keys marked :data:`RUNTIME` (a section marked so: all its keys)."""
+    out: set[str] = set()
+
+    def walk(cls: type, prefix: str, inherited: bool) -> None:
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            runtime = inherited or bool(f.metadata.get("runtime"))
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.", runtime)
+            elif runtime:
+                out.add(f"{prefix}{f.name}")
+
+    walk(Config, "", False)
+    return out
+
+
+@functools.cache
+def known_keys() -> tuple[str, ...]:
+    """Every dotted key of the config, in declaration order."""
+    return tuple(Config().flat())
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -322,13 +459,32 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp!r}")
 
 
+def unknown_key_message(key: str) -> str:
+    """``train.lrr: unknown key; did you mean train.lr?`` (a near miss in the same section, or the same
+    name in another section), else the section's known keys."""
+    known = known_keys()
+    prefix, _, name = key.rpartition(".")
+    siblings = sorted({k[len(prefix) + 1 :].split(".")[0] for k in known if k.startswith(prefix + ".")} if prefix
+                      else {k.split(".")[0] for k in known})  # fmt: skip
+    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    if close:
+        return f"{key}: unknown key; did you mean {f'{prefix}.' if prefix else ''}{close[0]}?"
+    elsewhere = [k for k in known if k.rpartition(".")[2] == name]
+    if not elsewhere:
+        elsewhere = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+    if elsewhere:
+        return f"{key}: unknown key; did you mean {elsewhere[0]}?"
+    if not siblings:
+        return f"{key}: unknown key (sections: {', '.join(sorted({k.split('.')[0] for k in known}))})"
+    return f"{key}: unknown key (known: {', '.join(siblings)})"
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in values:
         if k not in names:
-            key = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+            raise ConfigError(unknown_key_message(f"{prefix}.{k}" if prefix else k))
     kwargs = {}
     for k, v in values.items():
         key = f"{prefix}.{k}" if prefix else k
@@ -378,6 +534,16 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
+def check_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """:func:`parse_overrides`, failing on an unknown key (with a \"did you mean\")."""
+    known = known_keys()
+    parsed = parse_overrides(overrides)
+    for key, _ in parsed:
+        if key not in known and not any(k.startswith(key + ".") for k in known):
+            raise ConfigError(unknown_key_message(key))
+    return parsed
+
+
 def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
     if values is not None and not isinstance(values, dict):
         raise ConfigError(f"config: expected a mapping of sections, got {type(values).__name__}")
@@ -385,10 +551,11 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None)
         tree = yaml.safe_load(yaml.safe_dump(dict(values or {})))  # deep copy through plain types
     except yaml.YAMLError as e:
         raise ConfigError(f"config: holds a value that is not plain data ({_yaml_problem(e)})") from None
-    for key, value in parse_overrides(overrides):
+    for key, value in check_overrides(overrides):
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree)
-    validate(cfg)
+    with _not_recorded():  # checking a value is not using it
+        validate(cfg)
     return cfg
 
 
@@ -396,6 +563,7 @@ def load_config(
     path: str | os.PathLike[str] | None = "params.yaml", overrides: list[str] | None = None
 ) -> Config:
     """Read ``path`` (YAML), apply ``overrides`` and validate. ``path=None``: defaults only."""
+    check_overrides(overrides)  # a bad override is named as such, not as an error in the file
     values: dict[str, Any] = {}
     if path is not None:
         values = _read_yaml_mapping(Path(path))
@@ -435,29 +603,6 @@ def _read_yaml_mapping(p: Path) -> dict[str, Any]:
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write the resolved config as YAML, atomically."""
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename: readers never see half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file a normal file's mode
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -618,6 +763,15 @@ def validate(cfg: Config) -> None:
         "tune.storage",
         f"must be a database URL such as sqlite:///optuna.db or postgresql://user@host/db, got {tu.storage!r}",
     )
+    _check(0.0 <= tu.pruner_warmup < 1.0, "tune.pruner_warmup", "must be in [0, 1)")
+    _check(cfg.tracking.log_images >= 0, "tracking.log_images", "must be >= 0")
+    if d.source == "local":
+        for k in ("train_annotations", "train_images", "val_annotations", "val_images"):
+            _check(
+                bool(getattr(d.local, k).strip()),
+                f"data.local.{k}",
+                "required with data.source: local (a path, absolute or relative to the repository)",
+            )
     check_every_key(cfg)
 
 
@@ -630,7 +784,7 @@ def check_every_key(cfg: Config) -> None:
 
     - numbers are finite (checked on load) and not negative, unless listed in :data:`SIGNED_KEYS`;
     - strings hold no NUL or line break (they are paths, URLs and names);
-    - a string or list whose default is not empty may not be empty (empty defaults mean "unset").
+    - a string or list whose default is not empty may not be empty (empty defaults mean \"unset\").
     """
     defaults = Config().flat()
     for key, value in cfg.flat().items():
@@ -647,25 +801,3 @@ def check_every_key(cfg: Config) -> None:
                 )
         if isinstance(value, str | list) and not value and defaults.get(key):
             _check(False, key, f"must not be empty (default {defaults[key]!r})")
-
-
-def config_from_argv(argv: list[str], usage: str | None = None) -> Config:
-    """``[--params FILE] [key.sub=value ...]``, as every pipeline script takes them (default params.yaml).
-
-    ``-h``/``--help`` prints ``usage`` (the script's docstring) and exits.
-    """
-    path, overrides = "params.yaml", []
-    args = iter(argv)
-    for arg in args:
-        if arg in ("-h", "--help"):
-            print(usage or "usage: [--params FILE] [key.sub=value ...]")
-            raise SystemExit(0)
-        if arg == "--params":
-            path = next(args, "")
-            if not path:
-                raise ConfigError("--params: needs a file name")
-        elif arg.startswith("--params="):
-            path = arg.split("=", 1)[1]
-        else:
-            overrides.append(arg)
-    return load_config(path, overrides)

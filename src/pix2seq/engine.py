@@ -20,11 +20,10 @@ from tqdm import tqdm
 
 from pix2seq import distributed as dist
 from pix2seq.config import Config
-from pix2seq.decoding import generate
+from pix2seq.detect import detect
 from pix2seq.errors import Pix2SeqError
 from pix2seq.evaluation.coco import CocoResult, coco_evaluate, detections_to_coco
 from pix2seq.optim import WarmupLinearSchedule
-from pix2seq.tokenizer import tokens_to_detections
 from pix2seq.vocab import Vocab
 
 if TYPE_CHECKING:
@@ -211,35 +210,13 @@ def predict_batches(
         ({image, pred, gt}) for the prediction grid.
     """
     model.eval()
-    ecfg = cfg.eval
     amp = autocast_dtype(cfg.train.amp, device, decoding=True)
     results: list[dict] = []
     seen: list[int] = []
     samples: list[dict] = []
     for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not dist.is_main()):
         images = batch["image"].to(device, non_blocking=device.type == "cuda")
-        out = generate(
-            model,
-            images,
-            vocab,
-            cfg.tokenizer.max_instances,
-            method=ecfg.decoding,
-            top_p=ecfg.top_p,
-            temperature=ecfg.temperature,
-            beam_size=ecfg.beam_size,
-            constrained=ecfg.constrained,
-            coord_window=ecfg.coord_window,
-            autocast_dtype=amp,
-        )
-        dets = tokens_to_detections(
-            out.tokens.cpu(),
-            out.class_probs.float().cpu(),
-            vocab,
-            images.shape[-1],
-            batch["scale"],
-            batch["orig_size"],
-            coords=out.coords.cpu(),
-        )
+        dets = detect(model, images, vocab, cfg, batch["scale"], batch["orig_size"], amp)
         ids = [int(i) for i in batch["image_id"]]
         results.extend(detections_to_coco(ids, dets, label_to_category))
         seen.extend(ids)

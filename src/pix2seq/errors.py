@@ -33,6 +33,12 @@ def one_line(message: str) -> str:
     return "; ".join(lines)
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (a library's can run to pages)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def describe_error(e: BaseException) -> str:
     """The one-line message for an error :func:`run_entry_point` reports."""
     mark = getattr(e, "problem_mark", None)

@@ -12,12 +12,11 @@ from torchvision.io import ImageReadMode, decode_image
 
 from pix2seq.checkpoint import MODEL_ENTRIES, config_from_checkpoint, load_checkpoint
 from pix2seq.data.transforms import canvas_pad_value, eval_transform
-from pix2seq.decoding import generate
+from pix2seq.detect import detect
 from pix2seq.engine import autocast_dtype
 from pix2seq.errors import Pix2SeqError
 from pix2seq.files import FileReadError, read_regular
 from pix2seq.model import build_model
-from pix2seq.tokenizer import tokens_to_detections
 from pix2seq.vocab import Vocab
 
 
@@ -134,7 +133,7 @@ class Predictor:
     ) -> list[dict]:
         """uint8 (3, H, W) images -> per image {boxes (xyxy pixels), scores, labels, category_ids, names}."""
         out: list[dict] = []
-        ecfg = self.cfg.eval
+        amp = autocast_dtype(self.cfg.train.amp, self.device, decoding=True)
         for i in range(0, len(images), batch_size):
             chunk = images[i : i + batch_size]
             pad = canvas_pad_value(self.cfg.model.pixels)
@@ -142,29 +141,7 @@ class Predictor:
             canvas = torch.stack([p[0] for p in prepped]).to(self.device)
             scale = torch.tensor([p[1] for p in prepped])
             orig = torch.tensor([[img.shape[1], img.shape[2]] for img in chunk])
-            gen = generate(
-                self.model,
-                canvas,
-                self.vocab,
-                self.cfg.tokenizer.max_instances,
-                method=ecfg.decoding,
-                top_p=ecfg.top_p,
-                temperature=ecfg.temperature,
-                beam_size=ecfg.beam_size,
-                constrained=ecfg.constrained,
-                coord_window=ecfg.coord_window,
-                autocast_dtype=autocast_dtype(self.cfg.train.amp, self.device, decoding=True),
-            )
-            dets = tokens_to_detections(
-                gen.tokens.cpu(),
-                gen.class_probs.float().cpu(),
-                self.vocab,
-                self.canvas,
-                scale,
-                orig,
-                coords=gen.coords.cpu(),
-            )
-            for d in dets:
+            for d in detect(self.model, canvas, self.vocab, self.cfg, scale, orig, amp):
                 keep = d["scores"] >= score_threshold
                 labels = d["labels"][keep].tolist()
                 out.append(

@@ -7,7 +7,9 @@ prefixes and line breaks are accepted), a ``{"image": [...]}`` dict, or a list o
 Output: a DataFrame, one row per image, with list-valued columns ``boxes`` (xyxy pixels),
 ``scores``, ``labels``, ``category_ids`` and ``names``.
 
-Over HTTP (``mlflow models serve -m models:/pix2seq@champion --env-manager local``; the venv's
+The logged model carries an input example (a validation image) and is registered under
+``tracking.model_name`` with its task (:mod:`pix2seq.tracking.registry`): serve a task's champion
+over HTTP (``mlflow models serve -m models:/pix2seq@champion-<task> --env-manager local``; the venv's
 ``bin`` must be on PATH: MLflow starts ``uvicorn`` by name)::
 
     POST /invocations  {"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]},
@@ -28,23 +30,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import mlflow.pyfunc
-import torch
 
-from pix2seq.checkpoint import MODEL_ENTRIES, load_checkpoint, save_checkpoint
 from pix2seq.config import Config
+from pix2seq.tracking.registry import MODEL_ARTIFACT as ARTIFACT
 
-ARTIFACT = "checkpoint"
 MODEL_NAME_IN_RUN = "model"
 _SRC = Path(__file__).resolve().parent
-
-
-def export_model_file(checkpoint: str | Path, dest: str | Path) -> Path:
-    """A training checkpoint -> a slim file (weights, config, vocab, categories; no optimizer state)."""
-    ckpt = load_checkpoint(checkpoint, map_location="cpu", required=MODEL_ENTRIES)
-    slim = {k: ckpt[k] for k in MODEL_ENTRIES}
-    slim.update({k: ckpt[k] for k in ("global_step", "best_metric") if k in ckpt})
-    slim["model"] = {k: v.float() if torch.is_floating_point(v) else v for k, v in slim["model"].items()}
-    return save_checkpoint(dest, slim)
 
 
 class Pix2SeqPyfunc(mlflow.pyfunc.PythonModel):
@@ -150,13 +141,27 @@ def model_signature():
     )
 
 
-def log_pyfunc_model(tracker: Any, model_file: Path, cfg: Config, register: bool, ap: float) -> str | None:
-    """Log the pyfunc model to the tracker's run; register it and move 'champion' when it is the best."""
+def input_example(image: Path) -> Any:
+    """The served model's input example: one (validation) image, base64-encoded, as the request
+    body's ``image`` column."""
+    import pandas as pd
+
+    return pd.DataFrame({"image": [base64.b64encode(image.read_bytes()).decode("ascii")]})
+
+
+def log_pyfunc_model(
+    tracker: Any, model_file: Path, cfg: Config, data: Any, register: bool, ap: float
+) -> str | None:
+    """Log the pyfunc model (with a validation image as input example) to the tracker's run; register
+    it under its task (the validation set) and move that task's champion alias when it is the best.
+
+    ``data``: the run's :class:`~pix2seq.data.loaders.DetectionData`. Returns the logged model's URI.
+    """
     if not getattr(tracker, "active", False):
         return None
     import mlflow
 
-    from pix2seq.tracking import promote_champion, register_model
+    from pix2seq.tracking import champion_alias, file_digest, promote_champion, register_model, task_name
 
     with _run_context(tracker):
         info = mlflow.pyfunc.log_model(
@@ -166,18 +171,28 @@ def log_pyfunc_model(tracker: Any, model_file: Path, cfg: Config, register: bool
             code_paths=[str(_SRC)],
             pip_requirements=_requirements(),
             signature=model_signature(),
+            input_example=input_example(data.example_image()),
         )
     if not register:
         return info.model_uri
+    digest = file_digest(data.val_manifest)
+    task = task_name(Path(cfg.data.root).name, digest)
+    name = cfg.tracking.model_name
     version = register_model(
+        name,
         tracker.run_id,
-        MODEL_NAME_IN_RUN,
-        cfg.tracking.model_name,
-        metric_value=ap,
-        model_uri=info.model_uri,
+        info.model_id,
+        ap,
+        task=task,
+        val_digest=digest,
+        tags={"dataset": data.name},
         tracking_uri=tracker.tracking_uri,
     )
-    promote_champion(cfg.tracking.model_name, version, ap, tracking_uri=tracker.tracking_uri)
+    moved = promote_champion(name, version, tracking_uri=tracker.tracking_uri)
+    alias = champion_alias(task)
+    print(
+        f"registered {name} v{version} (task {task}): " + (f"now {alias}" if moved else f"{alias} unchanged")
+    )
     return info.model_uri
 
 

@@ -54,7 +54,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from pix2seq.config import Config, DownloadConfig, atomic_write_text
+from pix2seq.atomic import atomic_write_text
+from pix2seq.config import Config, DownloadConfig
 from pix2seq.errors import Pix2SeqError
 
 log = logging.getLogger(__name__)
@@ -849,13 +850,18 @@ def download_coco(
 def run_download(
     cfg: Config, manifest: Mapping[str, Any] | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """The stage: ``data.source == generated`` writes the generated dataset, ``coco`` downloads COCO.
+    """The stage: ``data.source == generated`` writes the generated dataset, ``coco`` downloads COCO,
+    ``local`` links your own files into ``data.root`` (:mod:`pix2seq.data.local`).
 
     ``manifest`` (or a JSON file named by ``$PIX2SEQ_DOWNLOAD_MANIFEST``) overrides the published
     sizes/checksums, for a mirror or test server with other archives.
     """
     d = cfg.data
     root = Path(d.root)
+    if d.source == "local":
+        from pix2seq.data.local import link_local_dataset
+
+        return link_local_dataset(cfg)
     if d.source == "generated":
         from pix2seq.data.synthetic import write_generated_dataset
 

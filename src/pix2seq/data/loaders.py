@@ -12,7 +12,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from pix2seq.config import Config
-from pix2seq.data.dataset import build_dataset, build_loader
+from pix2seq.data.dataset import build_dataset, build_loader, load_manifest
 from pix2seq.data.ground_truth import coco_ground_truth
 from pix2seq.data.prepare import ManifestError, manifest_path
 from pix2seq.data.sampler import set_epoch
@@ -93,6 +93,10 @@ class DetectionData:
         if self._val_gt is None:
             self._val_gt = coco_ground_truth(self.val_manifest)
         return self._val_gt
+    def example_image(self) -> Path:
+        """The first validation image's file (the served model's input example)."""
+        m = load_manifest(self.val_manifest)
+        return m.root / str(m.files[0])
 
     def val_loader(self) -> DataLoader:
         if self._val is None:

@@ -51,7 +51,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from tqdm import tqdm
 
-from pix2seq.config import Config, PrepareConfig, atomic_write_text
+from pix2seq.atomic import atomic_write_text
+from pix2seq.config import Config, PrepareConfig
 from pix2seq.errors import Pix2SeqError
 from pix2seq.files import FileReadError, open_regular, read_regular
 

@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from pix2seq.config import GENERATED_MAX_CLASSES, ConfigError, GeneratedDataConfig, atomic_write_text
+from pix2seq.atomic import atomic_write_text
+from pix2seq.config import GENERATED_MAX_CLASSES, ConfigError, GeneratedDataConfig
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon", "bar", "half-disc"]
 MAX_CLASSES = len(SHAPES)
@@ -60,15 +61,6 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
 
     r, g, b = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.7, 1.0), rng.uniform(0.55, 1.0))
     return int(r * 255), int(g * 255), int(b * 255)
-
-
-def _polygon(cx: float, cy: float, rx: float, ry: float, n: int, phase: float, inner: float = 1.0) -> list:
-    pts = []
-    for k in range(n * (2 if inner < 1 else 1)):
-        r = 1.0 if (inner >= 1 or k % 2 == 0) else inner
-        a = phase + k * math.pi / (n if inner < 1 else n / 2)
-        pts.append((cx + rx * r * math.cos(a), cy + ry * r * math.sin(a)))
-    return pts
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour: tuple) -> None:

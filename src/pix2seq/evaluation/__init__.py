@@ -6,7 +6,14 @@ from typing import Any
 
 from pix2seq.evaluation.coco import METRIC_NAMES, CocoResult, coco_evaluate, detections_to_coco, load_coco_gt
 
-_PLOTS = ("draw_detections", "plot_metric_curves", "plot_pr_curve", "save_grid", "write_per_class_table")
+_PLOTS = (
+    "draw_detections",
+    "plot_pr_curve",
+    "save_grid",
+    "save_image",
+    "write_per_class_table",
+    "write_pr_curve_csv",
+)
 
 __all__ = ["METRIC_NAMES", "CocoResult", "coco_evaluate", "detections_to_coco", "load_coco_gt", *_PLOTS]
 

@@ -1,34 +1,37 @@
-"""Report artefacts: PR curves, per-class tables, prediction grids, training curves.
+"""Report artefacts: PR curves (PNG and CSV), per-class tables, prediction grids.
 
-Matplotlib runs headless (``Agg``); every writer creates the parent directory and writes
-atomically where the file is text, so DVC ``plots``/``metrics`` never read half a file.
+Matplotlib (slow to import) is loaded by the PNG plots only, and runs headless (``Agg``); every
+writer creates the parent directory and writes atomically, so DVC ``plots``/``metrics`` and MLflow
+never read half a file.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
+import torch
+from PIL import Image
 
-matplotlib.use("Agg")  # before pyplot; harmless if already Agg
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pix2seq.config import atomic_write_text  # noqa: E402
+from pix2seq.atomic import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     from pix2seq.evaluation.coco import CocoResult
 
-__all__ = ["draw_detections", "plot_metric_curves", "plot_pr_curve", "save_grid", "write_per_class_table"]
+__all__ = [
+    "draw_detections",
+    "plot_pr_curve",
+    "prediction_grid",
+    "save_grid",
+    "save_image",
+    "write_per_class_table",
+    "write_pr_curve_csv",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -39,22 +42,23 @@ _PALETTE = [  # tab10 as RGB
 ]  # fmt: skip
 
 
-def _prepare(path: PathLike) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return p
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot; harmless if already Agg
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save_fig(fig: Any, path: PathLike, dpi: int = 120) -> Path:
-    p = _prepare(path)
-    tmp = p.with_name(f".{p.name}.tmp{p.suffix}")
+    plt = _pyplot()
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, p)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return p
+    return Path(path)
 
 
 # ------------------------------------------------------------------------------------- curves
@@ -64,7 +68,7 @@ def plot_pr_curve(result: CocoResult, path: PathLike, per_class: bool = True, ma
     """Precision-recall curves: the class mean at IoU 0.5 and over 0.50:0.95 (bold), plus (thin)
     each category at IoU 0.5 when ``per_class`` and there are at most ``max_classes`` categories."""
     r = np.asarray(result.recall_thresholds)
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = _pyplot().subplots(figsize=(6, 5))
     if per_class and len(result.category_ids) <= max_classes:
         names = {c["category_id"]: c["name"] for c in result.per_class}
         for k, cid in enumerate(result.category_ids):
@@ -89,33 +93,15 @@ def plot_pr_curve(result: CocoResult, path: PathLike, per_class: bool = True, ma
     return _save_fig(fig, path)
 
 
-def plot_metric_curves(
-    history: Mapping[str, Sequence[tuple[float, float]]], path: PathLike, ncols: int = 3
-) -> Path:
-    """One panel per series: ``{"train/loss": [(step, value), ...], "val/AP": [...]}``.
-
-    Series whose name contains ``loss`` get a log y-axis when all values are positive.
-    """
-    names = [k for k, v in history.items() if len(v) > 0]
-    n = max(len(names), 1)
-    ncols = max(1, min(ncols, n))
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
-    for ax in axes.flat[len(names) :]:
-        ax.axis("off")
-    if not names:
-        axes.flat[0].text(0.5, 0.5, "no data", ha="center", va="center")
-    for ax, name in zip(axes.flat, names, strict=False):
-        pts = sorted((float(s), float(v)) for s, v in history[name])
-        xs, ys = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
-        if "loss" in name.lower() and min(ys) > 0:
-            ax.set_yscale("log")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _save_fig(fig, path)
+def write_pr_curve_csv(result: CocoResult, path: PathLike) -> Path:
+    """The class-mean precision-recall curves as CSV (``recall, precision_iou50, precision_iou50_95``),
+    a DVC plot that overlays runs (``dvc plots diff``); undefined precision is left empty."""
+    rows = ["recall,precision_iou50,precision_iou50_95"]
+    for r, p50, pm in zip(
+        result.recall_thresholds, result.precision_iou50, result.precision_mean, strict=True
+    ):
+        rows.append(",".join([f"{float(r):.2f}", *("" if v < 0 else f"{float(v):.6f}" for v in (p50, pm))]))
+    return atomic_write_text(path, "\n".join(rows) + "\n")
 
 
 # -------------------------------------------------------------------------------------- tables
@@ -231,11 +217,35 @@ def draw_detections(
     return img
 
 
+def prediction_grid(
+    samples: Sequence[Mapping[str, Any]], names: Sequence[str], nrow: int = 4
+) -> torch.Tensor:
+    """Validation samples (``evaluate_model(..., keep_images=N)``) with predicted (class colours,
+    score >= 0.3) and true (green) boxes, tiled into one uint8 ``(3, H, W)`` image."""
+    drawn = [
+        draw_detections(
+            s["image"],
+            s["pred"]["boxes"] * s["scale"],
+            s["pred"]["labels"],
+            s["pred"]["scores"],
+            s["gt_boxes"] * s["scale"],
+            s["gt_labels"],
+            names,
+            score_thresh=0.3,
+        )
+        for s in samples
+    ]
+    return _tile(drawn, nrow)
+
+
 def save_grid(images: Sequence[torch.Tensor], path: PathLike, nrow: int = 4, padding: int = 2) -> Path:
     """Tile uint8 ``(3, H, W)`` images (sizes may differ: padded to the largest) into one PNG/JPEG."""
+    return save_image(_tile(images, nrow, padding), path)
+
+
+def _tile(images: Sequence[torch.Tensor], nrow: int = 4, padding: int = 2) -> torch.Tensor:
     from torchvision.utils import make_grid
 
-    p = _prepare(path)
     if len(images) == 0:
         raise ValueError("save_grid: no images")
     hmax = max(int(im.shape[-2]) for im in images)
@@ -248,12 +258,11 @@ def save_grid(images: Sequence[torch.Tensor], path: PathLike, nrow: int = 4, pad
         canvas = torch.zeros((3, hmax, wmax), dtype=torch.uint8)
         canvas[:, : im.shape[1], : im.shape[2]] = im
         padded.append(canvas)
-    grid = make_grid(padded, nrow=max(1, nrow), padding=padding)
-    arr = grid.permute(1, 2, 0).contiguous().numpy()
-    tmp = p.with_name(f".{p.name}.tmp{p.suffix}")
-    try:
-        Image.fromarray(arr).save(tmp)
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return p
+    return make_grid(padded, nrow=max(1, nrow), padding=padding)
+
+
+def save_image(image: torch.Tensor, path: PathLike) -> Path:
+    """A uint8 ``(3, H, W)`` image to a PNG/JPEG file (format from the suffix), atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(tmp)
+    return Path(path)

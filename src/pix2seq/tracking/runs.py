@@ -1,99 +1,55 @@
-"""MLflow tracking (3.x): one run per training, params/metrics/artifacts/datasets, model registry.
+"""One MLflow run per training: params, metrics, artifacts, datasets, images (MLflow 3.x).
 
-Only rank 0 tracks. Callers pass ``enabled=is_main()`` (or ``cfg``-driven flags) and may then call
-every method unconditionally: a disabled :class:`RunTracker` does nothing and imports nothing.
-
-Where runs go: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo root>/mlflow.db``
-(:func:`default_tracking_uri`; MLflow 3 no longer accepts a plain ``./mlruns`` file store as its
-default). Artifacts of experiments this module creates on a local SQLite store live beside the
-database in ``<repo root>/mlruns/`` whatever the working directory is::
+Only rank 0 tracks. Callers pass ``enabled=is_main()`` and may then call every method
+unconditionally: a disabled :class:`RunTracker` does nothing and imports nothing::
 
     tracker = RunTracker(cfg, enabled=info.is_main, run_id_file=out / "mlflow_run_id",
                          resume=resumed_from_checkpoint)
     with tracker:                                  # FINISHED / FAILED / KILLED on exit
         tracker.log_dataset(manifest, "train", context="training")
         tracker.log_metrics({"train/loss": loss}, step=global_step)
-        tracker.log_artifact(out / "best.pt", "checkpoints")
+        tracker.log_image(grid, "val/predictions", step=global_step)
 
-Registry: :func:`register_model` creates a version (its metric stored as a version tag) and
-:func:`promote_champion` moves the ``champion`` alias only when the new version's metric beats the
-current champion's.
+Metric names carry the phase as a prefix: ``train/`` (per step), ``val/`` (the evaluations during
+training), ``eval/`` (the evaluate stage), ``system/`` (MLflow's system metrics).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import unquote, urlparse
 
-from pix2seq.config import Config, atomic_write_text
+from pix2seq.atomic import atomic_write_text
+from pix2seq.config import Config
+from pix2seq.tracking.store import default_tracking_uri, ensure_experiment, find_repo_root, mlflow_client
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "MAX_PARAM_VALUE_LENGTH",
-    "RunTracker",
-    "default_tracking_uri",
-    "file_digest",
-    "find_repo_root",
-    "git_commit",
-    "promote_champion",
-    "register_model",
-]
-
 PathLike = str | os.PathLike[str]
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
-_MAX_TAG_VALUE_LENGTH = 8000
+MAX_TAG_VALUE_LENGTH = 8000
 
 
-# ------------------------------------------------------------------------------------ locations
+# ---------------------------------------------------------------------------------- run facts
 
 
-def find_repo_root(start: PathLike | None = None) -> Path:
-    """Nearest parent of ``start`` (default: cwd) holding ``params.yaml`` or ``.git``; else ``start``.
-
-    Inside a DVC temporary experiment workspace (``<repo>/.dvc/tmp/exps/<tmp>/...``) the answer is
-    the outer ``<repo>``, so runs of ``dvc exp run --temp``/queued experiments land in the real
-    repository's store instead of a directory DVC deletes afterwards.
-    """
-    here = Path(start or Path.cwd()).resolve()
-    parts = here.parts
-    for i in range(len(parts) - 2):
-        if parts[i] == ".dvc" and parts[i + 1] == "tmp" and parts[i + 2] == "exps":
-            return Path(*parts[:i])
-    for d in (here, *here.parents):
-        if (d / "params.yaml").is_file() or (d / ".git").exists():
-            return d
-    return here
-
-
-def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo root>/mlflow.db``."""
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return env
-    return f"sqlite:///{find_repo_root() / 'mlflow.db'}"
-
-
-def _local_sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    raw = unquote(urlparse(uri).path)
-    if not raw or raw == "/:memory:":
-        return None
-    return Path(raw)
+def readable_run_name(kind: str) -> str:
+    """The DVC experiment's name under ``dvc exp run`` (the same name ``dvc exp show`` lists), else
+    ``<kind>-<YYYYmmdd-HHMMSS>``: never MLflow's random adjective-animal."""
+    exp = os.environ.get("DVC_EXP_NAME", "").strip()
+    return exp or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def git_commit(cwd: PathLike | None = None) -> tuple[str | None, bool | None]:
@@ -125,7 +81,8 @@ def file_digest(path: PathLike) -> str:
     return h.hexdigest()
 
 
-def _param_str(value: Any) -> str:
+def param_str(value: Any) -> str:
+    """A param value as MLflow stores it: strings as is, lists/dicts as JSON, truncated to 6000 chars."""
     s = (
         value
         if isinstance(value, str)
@@ -163,27 +120,25 @@ def _manifest_profile(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- runs
 
 
-@contextlib.contextmanager
-def _sqlite_init_lock(uri: str) -> Iterator[None]:
-    """Serialise the first contact with a local sqlite store across processes.
+def log_params_once(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> dict[str, str]:
+    """Log the params the run does not have yet. MLflow params are immutable: a param that already
+    holds a *different* value (a resumed run with an edited config) is recorded as the tag
+    ``param_changed.<key>`` ("old -> new") instead; returns those tags."""
+    from mlflow.entities import Param, RunTag
 
-    MLflow creates and migrates a new sqlite database on first use; two processes doing it at once
-    (tuning workers, torchrun jobs sharing ``mlflow.db``) race and one fails with
-    "duplicate column name". An advisory file lock beside the database prevents it.
-    """
-    db = _local_sqlite_path(uri)
-    if db is None:
-        yield
-        return
-    import fcntl
-
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".init.lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    existing = client.get_run(run_id).data.params
+    new, changed = [], {}
+    for k, v in params.items():
+        s = param_str(v)
+        if k not in existing:
+            new.append(Param(str(k), s))
+        elif existing[k] != s:
+            changed[f"param_changed.{k}"] = f"{existing[k]} -> {s}"[:MAX_TAG_VALUE_LENGTH]
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i : i + 100])
+    if changed:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in changed.items()])
+    return changed
 
 
 class RunTracker:
@@ -194,7 +149,7 @@ class RunTracker:
             ``cfg.tracking``, and ``cfg.flat()`` is logged as params when the run starts.
         enabled: False on non-zero ranks (or to switch tracking off): every method returns at once.
         experiment: overrides ``cfg.tracking.experiment``.
-        run_name: the run's display name (new runs only).
+        run_name: the run's display name (new runs only); default :func:`readable_run_name`.
         tracking_uri: default :func:`default_tracking_uri`.
         run_id_file: where the run id is kept (e.g. ``<train.output_dir>/mlflow_run_id``); written
             when the run starts.
@@ -224,7 +179,7 @@ class RunTracker:
         self.enabled = bool(enabled)
         self.cfg = cfg
         self.experiment = experiment or (cfg.tracking.experiment if cfg is not None else "pix2seq")
-        self.run_name = run_name
+        self.run_name = run_name or readable_run_name("train")
         self.tracking_uri = tracking_uri
         self.run_id_file = Path(run_id_file) if run_id_file is not None else None
         self.resume = resume
@@ -248,28 +203,8 @@ class RunTracker:
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = mlflow_client(self.tracking_uri)
         return self._client
-
-    def _experiment_id(self) -> str:
-        from mlflow.exceptions import MlflowException
-
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            return exp.experiment_id
-        db = _local_sqlite_path(self.tracking_uri or "")
-        location = (db.resolve().parent / "mlruns").as_uri() if db is not None else None
-        try:
-            return self.client.create_experiment(self.experiment, artifact_location=location)
-        except MlflowException:  # created concurrently by another process
-            exp = self.client.get_experiment_by_name(self.experiment)
-            if exp is None:
-                raise
-            return exp.experiment_id
 
     def _system_metrics_ok(self) -> bool:
         if not self.log_system_metrics:
@@ -315,8 +250,7 @@ class RunTracker:
         self.tracking_uri = self.tracking_uri or default_tracking_uri()
         mlflow.set_tracking_uri(self.tracking_uri)
         self._client = None
-        with _sqlite_init_lock(self.tracking_uri):
-            self.experiment_id = self._experiment_id()
+        self.experiment_id = ensure_experiment(self.experiment, self.tracking_uri)
         system = self._system_metrics_ok()
 
         rid = self._resumable_run_id()
@@ -403,27 +337,10 @@ class RunTracker:
 
     # ---------------------------------------------------------------------------------- logging
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params (values stringified, lists as JSON, truncated to 6000 chars).
-
-        A param that already holds a *different* value (MLflow params are immutable; this happens
-        when a resumed training runs with an edited config) is not re-logged: the change is
-        recorded as tag ``param_changed.<key>`` and warned about.
-        """
+        """Log params (:func:`log_params_once`: a changed value of a resumed run becomes a tag)."""
         if not self.active or not params:
             return
-        from mlflow.entities import Param
-
-        new = {str(k): _param_str(v) for k, v in params.items()}
-        existing = self.client.get_run(self.run_id).data.params
-        to_log, changed = [], {}
-        for k, v in new.items():
-            if k in existing:
-                if existing[k] != v:
-                    changed[f"param_changed.{k}"] = f"{existing[k]} -> {v}"[:_MAX_TAG_VALUE_LENGTH]
-                continue
-            to_log.append(Param(k, v))
-        for i in range(0, len(to_log), 100):
-            self.client.log_batch(self.run_id, params=to_log[i : i + 100])
+        changed = log_params_once(self.client, self.run_id, params)
         if changed:
             log.warning(
                 "resumed run %s: %d param(s) changed since it started: %s",
@@ -431,7 +348,6 @@ class RunTracker:
                 len(changed),
                 sorted(changed),
             )
-            self.set_tags(changed)
 
     def log_config(self, cfg: Config) -> None:
         """The whole resolved config as params (``train.lr``, ``model.backbone``, ...)."""
@@ -442,7 +358,7 @@ class RunTracker:
             return
         from mlflow.entities import RunTag
 
-        items = [RunTag(str(k), str(v)[:_MAX_TAG_VALUE_LENGTH]) for k, v in tags.items()]
+        items = [RunTag(str(k), str(v)[:MAX_TAG_VALUE_LENGTH]) for k, v in tags.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, tags=items[i : i + 100])
 
@@ -450,8 +366,6 @@ class RunTracker:
         """Log numeric metrics (tensors/NumPy scalars accepted; None and non-numbers skipped)."""
         if not self.active or not metrics:
             return
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
@@ -482,14 +396,32 @@ class RunTracker:
         else:
             raise FileNotFoundError(f"{p}: artifact not found")
 
+    def log_artifact_as(self, path: PathLike, artifact_file: str) -> None:
+        """Upload a file under another name (``checkpoints/best.pt``)."""
+        if not self.active:
+            return
+        import shutil
+        import tempfile
+
+        dest_dir, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="pix2seq-artifact-") as tmp:
+            staged = Path(tmp) / name
+            try:
+                os.link(path, staged)
+            except OSError:
+                shutil.copyfile(path, staged)
+            self.client.log_artifact(self.run_id, str(staged), dest_dir or None)
+
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         """A dict as a JSON/YAML artifact (format from the extension)."""
         if self.active:
             self.client.log_dict(self.run_id, dict(data), artifact_file)
 
-    def log_text(self, text: str, artifact_file: str) -> None:
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """A uint8 ``(3, H, W)`` image as a step-indexed image (the MLflow UI's image slider)."""
         if self.active:
-            self.client.log_text(self.run_id, text, artifact_file)
+            array = image.permute(1, 2, 0).contiguous().numpy()
+            self.client.log_image(self.run_id, array, key=key, step=int(step), synchronous=True)
 
     def log_dataset(
         self,
@@ -527,126 +459,3 @@ class RunTracker:
         input_tags += [InputTag(key=str(k), value=str(v)) for k, v in (tags or {}).items()]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=entity, tags=input_tags)])
         return digest
-
-
-# ------------------------------------------------------------------------------------ registry
-
-
-def _client(tracking_uri: str | None) -> MlflowClient:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
-
-
-def register_model(
-    run_id: str,
-    artifact_path: str,
-    name: str,
-    metric_value: float,
-    metric_name: str = "AP",
-    *,
-    model_uri: str | None = None,
-    tags: Mapping[str, Any] | None = None,
-    tracking_uri: str | None = None,
-) -> str:
-    """Register the model logged by ``run_id`` under ``artifact_path`` as a new version of ``name``.
-
-    MLflow 3 stores ``log_model(name=artifact_path)`` as a LoggedModel (``models:/<model_id>``),
-    not under the run's artifacts; it is looked up through the run's outputs, falling back to
-    ``runs:/<run_id>/<artifact_path>`` (MLflow 2 style artifacts). ``model_uri`` (e.g.
-    ``ModelInfo.model_uri``) skips the lookup. The version is tagged
-    ``{metric_name: metric_value, "run_id": run_id}`` so :func:`promote_champion` can compare.
-    Returns the version (a string, as MLflow's API uses).
-    """
-    import mlflow
-
-    uri = tracking_uri or default_tracking_uri()
-    version_tags = {metric_name: repr(float(metric_value)), "run_id": run_id}
-    version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
-    if model_uri is None:
-        model_uri = (
-            _logged_model_uri(_client(uri), run_id, artifact_path) or f"runs:/{run_id}/{artifact_path}"
-        )
-    previous = mlflow.get_tracking_uri()
-    if previous != uri:  # mlflow.register_model has no client argument: it uses the global URI
-        mlflow.set_tracking_uri(uri)
-    try:
-        mv = mlflow.register_model(model_uri, name, tags=version_tags)
-    finally:
-        if previous != uri:
-            mlflow.set_tracking_uri(previous)
-    return str(mv.version)
-
-
-def _logged_model_uri(client: MlflowClient, run_id: str, name: str) -> str | None:
-    """``models:/<model_id>`` of the newest MLflow 3 LoggedModel named ``name`` output by the run."""
-    run = client.get_run(run_id)
-    outputs = getattr(run, "outputs", None)
-    best: tuple[int, str] | None = None
-    for out in getattr(outputs, "model_outputs", None) or []:
-        try:
-            model = client.get_logged_model(out.model_id)
-        except Exception:  # noqa: BLE001 - a dangling output must not block registration
-            continue
-        if model.name == name and (best is None or out.step >= best[0]):
-            best = (out.step, out.model_id)
-    return f"models:/{best[1]}" if best else None
-
-
-def _version_metric(client: MlflowClient, name: str, version: str, metric_name: str) -> float | None:
-    raw = client.get_model_version(name, version).tags.get(metric_name)
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
-        return None
-
-
-def promote_champion(
-    name: str,
-    version: str | int,
-    metric: float | None = None,
-    metric_name: str = "AP",
-    *,
-    alias: str = "champion",
-    higher_is_better: bool = True,
-    tracking_uri: str | None = None,
-) -> bool:
-    """Point ``alias`` at ``version`` if its metric beats the current holder's; True if it moved.
-
-    ``metric`` defaults to the version's ``metric_name`` tag (set by :func:`register_model`) and is
-    (re)written as that tag. A champion without the tag is always beaten; ties keep the incumbent.
-    Not atomic across processes: serialise promotions (e.g. only the study's parent process).
-    """
-    from mlflow.exceptions import MlflowException
-
-    client = _client(tracking_uri)
-    version = str(version)
-    if metric is None:
-        metric = _version_metric(client, name, version, metric_name)
-        if metric is None:
-            raise ValueError(f"{name} v{version}: no '{metric_name}' tag and no metric given")
-    else:
-        client.set_model_version_tag(name, version, metric_name, repr(float(metric)))
-    metric = float(metric)
-    if math.isnan(metric):
-        return False
-
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        current = None
-    if current is not None:
-        if str(current.version) == version:
-            return True
-        incumbent = _version_metric(client, name, str(current.version), metric_name)
-        if incumbent is not None and not math.isnan(incumbent):
-            better = metric > incumbent if higher_is_better else metric < incumbent
-            if not better:
-                log.info(
-                    "%s v%s: %s %.4f does not beat %s v%s (%.4f); alias unchanged",
-                    name, version, metric_name, metric, alias, current.version, incumbent,
-                )  # fmt: skip
-                return False
-    client.set_registered_model_alias(name, alias, version)
-    log.info("%s v%s is now '%s' (%s %.4f)", name, version, alias, metric_name, metric)
-    return True
