@@ -98,3 +98,13 @@ def mlflow_store(tmp_path, monkeypatch):
     import mlflow
 
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def mlflow_template_store(tmp_path_factory):
+    """An empty, migrated SQLite MLflow store (creating one takes seconds); copy it per use."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db

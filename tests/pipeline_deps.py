@@ -49,7 +49,9 @@ def _imports(path: Path) -> set[str]:
             out.update(a.name for a in node.names if a.name.startswith("pix2seq"))
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pix2seq"):
             out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names if module_file(f"{node.module}.{a.name}"))
+            out.update(
+                f"{node.module}.{a.name}" for a in node.names if module_file(f"{node.module}.{a.name}")
+            )
         for child in ast.iter_child_nodes(node):
             visit(child)
 

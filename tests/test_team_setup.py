@@ -102,7 +102,11 @@ def test_training_run_tracked_on_postgres_server(
 
     ((task, version),) = champions("pix2seq", uri).items()
     mv = client.get_model_version("pix2seq", version)
-    assert mv.run_id == result.run_id and mv.tags["AP"] == repr(float(result.best_ap)) and mv.tags["task"] == task
+    assert (
+        mv.run_id == result.run_id
+        and mv.tags["AP"] == repr(float(result.best_ap))
+        and mv.tags["task"] == task
+    )
     # resolved with explicit URIs (no global MLflow state), artifacts proxied by the server
     resolved = resolve_model(f"models:/pix2seq/{mv.version}", tmp_path / "dl", tracking_uri=uri)
     local = resolved.checkpoint.parents[1]

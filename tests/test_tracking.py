@@ -151,7 +151,9 @@ def test_run_logs_params_metrics_artifacts_tags_dataset(store, tmp_path, monkeyp
     assert {"metrics.json", "reports", "eval", "images"} <= top
     assert [a.path for a in c.list_artifacts(rid, "checkpoints")] == ["checkpoints/best.json"]
     images = [a.path for a in c.list_artifacts(rid, "images")]  # one image per step, the step in its name
-    assert len([p for p in images if p.endswith(".png")]) == 2 and any("+step+10+" in p for p in images), images
+    assert len([p for p in images if p.endswith(".png")]) == 2 and any("+step+10+" in p for p in images), (
+        images
+    )
     assert [a.path for a in c.list_artifacts(rid, "reports")] == ["reports/per_class.md"]
     assert run.info.artifact_uri.startswith((store["root"] / "mlruns").resolve().as_uri())
     # dataset input

@@ -216,7 +216,10 @@ def test_mlflow_run_reads_back(single_process_run):
     assert not {m for m in metrics if "/" not in m}, "every metric carries its phase as a prefix"
     assert len(client.get_metric_history(result.run_id, "val/AP")) == 2  # one per epoch
     images = [a.path for a in client.list_artifacts(result.run_id, "images") if a.path.endswith(".png")]
-    assert sorted(p.split("+step+")[1].split("+")[0] for p in images) == ["12", "6"]  # the grid at every evaluation
+    assert sorted(p.split("+step+")[1].split("+")[0] for p in images) == [
+        "12",
+        "6",
+    ]  # the grid at every evaluation
     assert "git.commit" in run.data.tags
     assert {d.dataset.digest for d in run.inputs.dataset_inputs}
     arts = {a.path for a in client.list_artifacts(result.run_id)}
@@ -229,7 +232,9 @@ def test_mlflow_run_reads_back(single_process_run):
     assert model.source_run_id == result.run_id
     ((task, version),) = champions(cfg.tracking.model_name, store).items()
     mv = client.get_model_version(cfg.tracking.model_name, version)
-    assert mv.run_id == result.run_id and mv.tags["task"] == task and task.startswith(Path(cfg.data.root).name)
+    assert (
+        mv.run_id == result.run_id and mv.tags["task"] == task and task.startswith(Path(cfg.data.root).name)
+    )
     losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
     assert losses[-1] < losses[0]
 
