@@ -223,6 +223,10 @@ def test_system_metrics(store):
         mlflow.set_system_metrics_samples_before_logging(None)
     keys = store["client"].get_run(t.run_id).data.metrics
     assert any(k.startswith("system/cpu_utilization") for k in keys), sorted(keys)
+    import torch
+
+    if torch.cuda.is_available():  # nvidia-ml-py is a dependency: MLflow samples every GPU too
+        assert any(k.startswith("system/gpu_0_") for k in keys), sorted(keys)
 
 
 class _Constant(mlflow.pyfunc.PythonModel):
