@@ -18,12 +18,15 @@ PREPARE_REPORT = "reports/prepare.json"
 TORCHRUN_MODULE = ["-m", "pix2seq.cli"]
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _stage_parser(sub: Any, name: str, func: Any, help: str, description: str | None = None) -> Any:
+    """A stage command's parser: ``[--params FILE] [key.sub=value ...]`` running ``func``."""
+    p = sub.add_parser(name, help=help, description=description or help)
     p.add_argument("--params", default="params.yaml", help="the parameter file (default params.yaml)")
     p.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-3"
     )
-    p.set_defaults(positional="overrides")
+    p.set_defaults(func=func, positional="overrides")
+    return p
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -70,17 +73,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def register_download(sub: Any) -> None:
-    p = sub.add_parser(
-        "download", help="COCO 2017, the generated dataset, or link your own files (data.source)"
+    _stage_parser(
+        sub, "download", cmd_download, "COCO 2017, the generated dataset, or link your files (data.source)"
     )
-    _add_config_args(p)
-    p.set_defaults(func=cmd_download)
 
 
 def register_prepare(sub: Any) -> None:
-    p = sub.add_parser("prepare", help="validate the dataset in data.root and write the manifests")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_prepare)
+    _stage_parser(sub, "prepare", cmd_prepare, "validate the dataset in data.root and write the manifests")
 
 
 # ----------------------------------------------------------------------------- train, eval
@@ -109,20 +108,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register_train(sub: Any) -> None:
-    p = sub.add_parser(
+    _stage_parser(
+        sub,
         "train",
-        help="train Pix2Seq on the prepared data (resumes from the last checkpoint)",
-        description="Train on every local GPU (GPUS=N to choose), or on the CPU; multi-node: run under "
-        "torchrun (torchrun --nnodes 2 --nproc_per_node 8 ... -m pix2seq.cli train).",
+        cmd_train,
+        "train Pix2Seq on the prepared data (resumes from the last checkpoint)",
+        "Train on every local GPU (GPUS=N to choose), or on the CPU; multi-node: run under torchrun "
+        "(torchrun --nnodes 2 --nproc_per_node 8 ... -m pix2seq.cli train).",
     )
-    _add_config_args(p)
-    p.set_defaults(func=cmd_train)
 
 
 def register_eval(sub: Any) -> None:
-    p = sub.add_parser("eval", help="COCO AP of the trained model on the validation split, tables and plots")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_eval)
+    _stage_parser(
+        sub, "eval", cmd_eval, "COCO AP of the trained model on the validation split, tables and plots"
+    )
 
 
 # ------------------------------------------------------------------------------------ tune
@@ -171,14 +170,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def register_tune(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _stage_parser(
+        sub,
         "tune",
-        help="Optuna study over train.lr x train.batch_repeat (objective: validation AP)",
-        description="The study of this configuration (tune.study_name + a digest of the tuned config, in "
+        cmd_tune,
+        "Optuna study over train.lr x train.batch_repeat (objective: validation AP)",
+        "The study of this configuration (tune.study_name + a digest of the tuned config, in "
         "tune.storage) resumes where it stopped; any number of workers on any number of machines sharing "
         "the storage (and MLFLOW_TRACKING_URI) finish tune.n_trials trials together.",
     )
-    _add_config_args(p)
     p.add_argument(
         "--worker", action="store_true", help="join the study as an extra worker: do not write tune.output"
     )
@@ -198,4 +198,3 @@ def register_tune(sub: Any) -> None:
     p.add_argument(
         "--print-storage", action="store_true", help="print tune.storage as a SQLAlchemy URL and exit"
     )
-    p.set_defaults(func=cmd_tune)
