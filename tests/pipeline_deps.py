@@ -36,7 +36,7 @@ def _is_runtime(name: str) -> bool:
     return any(name == r or (r != "pix2seq" and name.startswith(r + ".")) for r in RUNTIME_MODULES)
 
 
-def _imports(path: Path) -> set[str]:
+def imports_of(path: Path) -> set[str]:
     """pix2seq modules ``path`` imports (module level or inside functions; not under TYPE_CHECKING)."""
     out: set[str] = set()
 
@@ -77,7 +77,7 @@ def source_closure(entry: str) -> set[str]:
             mod = ".".join(parts[:i])
             if mod not in seen and not _is_runtime(mod):
                 seen.add(mod)
-                todo.extend(_imports(module_file(mod)))
+                todo.extend(imports_of(module_file(mod)))
     files = {module_file(m) for m in seen}
     return {str(f.relative_to(REPO)) for f in files if not _trivial(f)}
 
