@@ -46,7 +46,9 @@ class RetryStaleTrial:
     """Re-queue a trial whose worker died (heartbeat stale) and mark its MLflow run FAILED."""
 
     def __init__(self, max_retry: int | None = DEFAULT_MAX_RETRY) -> None:
-        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.8, pinned in uv.lock
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         log.warning(
@@ -70,7 +72,9 @@ def retried_from(study: optuna.Study, number: int) -> int | None:
     """The number of the trial that trial ``number`` retries (its worker died), else None."""
     for t in study.get_trials(deepcopy=False):
         if t.number == number:
-            return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
     return None
 
 
