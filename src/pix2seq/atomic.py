@@ -7,6 +7,8 @@ on any failure the previous file stays as it was and the temporary file is remov
     with atomic_path("reports/pr_curve.png") as tmp:    # a library writes to tmp (same suffix)
         fig.savefig(tmp)
     atomic_link(ckpt, manager.last_path)                # a hard link (or copy) swapped in
+    atomic_symlink(target, link)                        # a symbolic link swapped in
+    replace_dir(complete_tmp_dir, final_dir)            # a directory written aside, then swapped in
 """
 
 from __future__ import annotations
@@ -83,3 +85,24 @@ def atomic_link(src: PathLike, dst: PathLike) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
+
+
+def atomic_symlink(target: PathLike, link: PathLike) -> None:
+    """Point the symbolic link ``link`` at ``target`` (replacing an older link in one step)."""
+    link = Path(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.link-tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp, target_is_directory=Path(target).is_dir())
+    os.replace(tmp, link)
+
+
+def replace_dir(new: PathLike, final: PathLike) -> None:
+    """Swap the complete directory ``new`` in as ``final`` (the old one, if any, is removed after)."""
+    new, final = Path(new), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -16,10 +16,10 @@ annotation links, so editing an annotation file re-runs prepare and everything a
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from pix2seq.atomic import atomic_symlink
 from pix2seq.config import Config
 from pix2seq.errors import Pix2SeqError
 
@@ -45,11 +45,7 @@ def _link(target: Path, link: Path) -> None:
             f"data.root: {link} is a real {'folder' if link.is_dir() else 'file'}, not a link; "
             "with data.source: local, data.root must be a folder of its own (e.g. data/mydata)"
         )
-    link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".{link.name}.link-tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp, target_is_directory=target.is_dir())
-    os.replace(tmp, link)
+    atomic_symlink(target, link)
 
 
 def link_local_dataset(cfg: Config) -> dict[str, Any]:

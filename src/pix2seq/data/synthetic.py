@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from pix2seq.atomic import atomic_write_text
+from pix2seq.atomic import atomic_write_text, replace_dir
 from pix2seq.config import GENERATED_MAX_CLASSES, ConfigError, GeneratedDataConfig
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon", "bar", "half-disc"]
@@ -218,13 +217,7 @@ def write_split(cfg: GeneratedDataConfig, root: Path, split: str, count: int) ->
             {"id": c + 1, "name": SHAPES[c], "supercategory": "shape"} for c in range(cfg.num_classes)
         ],
     }
-    final = root / split
-    old = root / f".{split}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp_dir, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp_dir, root / split)
     atomic_write_text(ann_path, json.dumps(coco))
     return ann_path
 
