@@ -1,6 +1,6 @@
 """Issue 15's bad-input matrix, one test per row: bad data and bad config never cost a run.
 
-Every row runs the real entry point (a pipeline stage's or ``pix2seq``'s ``main()``, in process;
+Every row runs the real entry point (``pix2seq <command>``'s ``main()``, what DVC and make run, in process;
 one test starts real processes) and asserts the exit status, the one-line message naming the key
 or file, and that the previous good run's manifests and checkpoints are still there.
 
@@ -20,7 +20,6 @@ or file, and that the previous good run's manifests and checkpoints are still th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -44,18 +43,38 @@ from pix2seq.evaluation.coco import coco_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("download", "prepare", "train", "evaluate", "tune")
+COMMANDS = {
+    "download": "download",
+    "prepare": "prepare",
+    "train": "train",
+    "evaluate": "eval",
+    "tune": "tune",
+}
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities:DeprecationWarning"
 )
 
 
-def _stage(name: str):
-    """pipeline/<name>.py as a module (its main() is what DVC and make run)."""
-    spec = importlib.util.spec_from_file_location(f"pipeline_{name}", REPO / "pipeline" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+class _Stage:
+    """The DVC stage ``name`` as ``pix2seq <command>`` runs it (``bin/pix2seq`` in dvc.yaml)."""
+
+    def __init__(self, name: str) -> None:
+        self.command = COMMANDS[name]
+
+    def main(self, argv: list[str]) -> int:
+        from pix2seq.cli import main
+
+        return main([self.command, *argv])
+
+
+def _stage(name: str) -> _Stage:
+    return _Stage(name)
+
+
+def _prog(stage: str) -> str:
+    """What a stage's one-line errors start with (``pix2seq eval`` for the evaluate stage)."""
+    return f"pix2seq {COMMANDS[stage]}"
 
 
 def _one_error(err: str, prog: str) -> str:
@@ -240,7 +259,7 @@ def test_a_failed_evaluation_loses_no_training(tiny_prepared, tmp_path, monkeypa
     monkeypatch.setattr(files.os, "open", denied)
     before = _snapshot(ckpts)
     assert _stage("train").main(over) == 2
-    msg = _one_error(capsys.readouterr().err, "train")
+    msg = _one_error(capsys.readouterr().err, _prog("train"))
     assert msg.startswith(
         f"no readable checkpoint to resume from in {ckpts}: {ckpts / 'last.pt'}: not readable (permission denied)"
     )
@@ -273,7 +292,7 @@ def test_an_empty_training_split_fails_prepare_and_training(tiny_generated, good
     ]:
         (empty / "annotations" / "instances_train2017.json").write_text(json.dumps({**coco, **change}))
         assert _stage("prepare").main([f"data.root={empty}", f"data.prepared_dir={stale}"]) == 2, what
-        msg = _one_error(capsys.readouterr().err, "prepare")
+        msg = _one_error(capsys.readouterr().err, _prog("prepare"))
         assert message in msg and "no manifest written" in msg
         assert not list(stale.glob("*2017.json")), "a failed prepare must not leave stale manifests"
         assert json.loads((good_run / "reports" / "prepare.json").read_text())["train2017"]["boxes_kept"] == 0
@@ -285,7 +304,7 @@ def test_an_empty_training_split_fails_prepare_and_training(tiny_generated, good
         json.dumps({**manifest, "images": [], "boxes": [], "labels": []})
     )
     assert _stage("train").main([f"data.prepared_dir={good_run / 'hand'}", "train.output_dir=runs2"]) == 2
-    msg = _one_error(capsys.readouterr().err, "train")
+    msg = _one_error(capsys.readouterr().err, _prog("train"))
     assert msg == (
         f"{good_run / 'hand' / 'train2017.json'}: the training split 'train2017' has 0 images and 0 boxes; "
         "nothing to train on"
@@ -313,7 +332,7 @@ def test_config_rows_fail_every_stage_with_one_line(good_run, capsys):
     ]
     for stage, override, message in rows:
         assert _stage(stage).main([override]) == 2, override
-        assert _one_error(capsys.readouterr().err, stage).startswith(message)
+        assert _one_error(capsys.readouterr().err, _prog(stage)).startswith(message)
 
 
 def test_bad_yaml_and_params_files_in_every_entry_point(good_run, capsys):
@@ -325,7 +344,7 @@ def test_bad_yaml_and_params_files_in_every_entry_point(good_run, capsys):
             ("x=a: b: c", "x: not valid YAML: mapping values are not allowed here"),
         ]:
             assert _stage(stage).main([override]) == 2, (stage, override)
-            assert _one_error(capsys.readouterr().err, stage).startswith(message)
+            assert _one_error(capsys.readouterr().err, _prog(stage)).startswith(message)
     assert pix2seq_main(["predict", "a.jpg", "train.lr=[1"]) == 2
     assert _one_error(capsys.readouterr().err, "pix2seq predict").startswith(
         "override train.lr: not valid YAML"
@@ -339,7 +358,7 @@ def test_bad_yaml_and_params_files_in_every_entry_point(good_run, capsys):
             (good_run, f"{good_run}: is a directory, not a regular file; refused (not read)"),
         ]:
             assert _stage(stage).main(["--params", str(params)]) == 2, (stage, params)
-            assert _one_error(capsys.readouterr().err, stage).startswith(message)
+            assert _one_error(capsys.readouterr().err, _prog(stage)).startswith(message)
 
 
 def _crafted(path: Path, **entries) -> Path:
@@ -383,7 +402,7 @@ def test_crafted_and_damaged_checkpoints_are_one_line(good_run, capsys):
             )
             assert _one_error(capsys.readouterr().err, "pix2seq predict").startswith(f"{path}: {message}")
         assert _stage("evaluate").main([f"eval.checkpoint={path}"]) == 2
-        msg = _one_error(capsys.readouterr().err, "evaluate")
+        msg = _one_error(capsys.readouterr().err, _prog("evaluate"))
         assert msg.startswith(f"{path}: {message}") and "weights_only" not in msg
 
 
@@ -482,8 +501,11 @@ def test_real_processes_print_one_line_and_exit_2(tmp_path):
     (tmp_path / "params.yaml").write_text("{}\n")
     py = sys.executable
     cases = [
-        ([py, str(REPO / "pipeline" / "train.py"), "train.lr=[1"], "train: error: train.lr: not valid YAML"),
-        ([py, str(REPO / "pipeline" / "evaluate.py"), "--params", str(tmp_path)], "evaluate: error: "),
+        (
+            [str(REPO / "bin" / "pix2seq"), "train", "train.lr=[1"],
+            "pix2seq train: error: train.lr: not valid YAML",
+        ),
+        ([py, "-m", "pix2seq.cli", "eval", "--params", str(tmp_path)], "pix2seq eval: error: "),
         (
             [py, "-m", "pix2seq.cli", "predict", "a.jpg", "eval.top_p=a: b: c"],
             "pix2seq predict: error: override eval.top_p: not valid YAML",
@@ -496,17 +518,17 @@ def test_real_processes_print_one_line_and_exit_2(tmp_path):
     if shutil.which("make"):
         cases.append(
             (["make", "--no-print-directory", "-C", str(REPO), "-o", "setup", "-o", ".venv/.synced", "eval",
-              "train.log_every_steps=0", f"PY={py}"], "evaluate: error: train.log_every_steps: must be >= 1")
+              "train.log_every_steps=0", f"PY={py}"], "pix2seq eval: error: train.log_every_steps: must be >= 1")
         )  # fmt: skip
     for cmd, message in cases:
         r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, (cmd, r.stderr)  # make's own status for a failed recipe is 2 too
         assert "Traceback" not in r.stderr and message in r.stderr, (cmd, r.stderr)
     r = subprocess.run(
-        [py, str(REPO / "pipeline" / "train.py"), "train.lr=[1"], cwd=tmp_path,
+        [str(REPO / "bin" / "pix2seq"), "train", "train.lr=[1"], cwd=tmp_path,
         env={**env, "PIX2SEQ_DEBUG": "1"}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert r.returncode == 2 and "Traceback" in r.stderr and "train: error: train.lr" in r.stderr
+    assert r.returncode == 2 and "Traceback" in r.stderr and "pix2seq train: error: train.lr" in r.stderr
 
 
 def test_resume_never_moves_earlier_checkpoints_aside(tmp_path, capsys):

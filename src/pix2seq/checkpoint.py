@@ -307,6 +307,8 @@ def config_from_checkpoint(
     except ConfigError as e:
         raise CheckpointError(f"{path}: its stored config does not load here ({e})") from None
     return config_from_dict(values, overrides) if overrides else cfg
+
+
 def export_model_file(checkpoint: PathLike, dest: PathLike) -> Path:
     """A training checkpoint -> a slim model file (weights in fp32, config, vocab, categories; no
     optimizer, scheduler or RNG state): ``model.pt``, what predict and the served model load."""

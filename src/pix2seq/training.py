@@ -167,19 +167,21 @@ def set_aside(out: Path) -> Path:
     return dest
 
 
-def resumable_checkpoint(run: Run) -> tuple[Path, dict] | None:
+def resumable_checkpoint(
+    cfg: Config, manager: CheckpointManager, out: Path, info: dist.DistInfo
+) -> tuple[Path, dict] | None:
     """The checkpoint to resume (``train.resume: auto``), or None for a new run. Checkpoints a new
     run would overwrite (another config's, a finished run's, any with ``train.resume: never``) are
     moved aside first; unreadable ones fail with one line pointing at ``train.resume=never``."""
     reasons: list[str] = []
-    path = run.checkpoints.latest()
-    if run.cfg.train.resume == "auto":
-        found = run.checkpoints.load_latest(map_location="cpu", required=TRAINING_ENTRIES)
+    path = manager.latest()
+    if cfg.train.resume == "auto":
+        found = manager.load_latest(map_location="cpu", required=TRAINING_ENTRIES)
         if found is None:
             return None
         path, ckpt = found
         try:
-            reasons = resume_blockers(run.cfg, ckpt, path)
+            reasons = resume_blockers(cfg, ckpt, path)
         except CheckpointError as e:
             raise CheckpointError(
                 f"{e}; to start a new run instead, set train.resume=never (the checkpoints are moved aside)"
@@ -190,8 +192,8 @@ def resumable_checkpoint(run: Run) -> tuple[Path, dict] | None:
         reasons = ["train.resume is never"]
     if reasons:
         dist.barrier()
-        if run.info.is_main:
-            dest = set_aside(run.out)
+        if info.is_main:
+            dest = set_aside(out)
             print(f"not resuming {path} ({'; '.join(reasons)}): moved it to {dest}, starting a new run")
         dist.barrier()
     return None
@@ -200,7 +202,7 @@ def resumable_checkpoint(run: Run) -> tuple[Path, dict] | None:
 def resume_if_possible(run: Run) -> bool:
     """Restore the model, optimizer, schedule, RNGs and progress of :func:`resumable_checkpoint`;
     True when training resumes."""
-    found = resumable_checkpoint(run)
+    found = resumable_checkpoint(run.cfg, run.checkpoints, run.out, run.info)
     if found is None:
         return False
     path, ckpt = found

@@ -93,6 +93,7 @@ class DetectionData:
         if self._val_gt is None:
             self._val_gt = coco_ground_truth(self.val_manifest)
         return self._val_gt
+
     def example_image(self) -> Path:
         """The first validation image's file (the served model's input example)."""
         m = load_manifest(self.val_manifest)
