@@ -9,6 +9,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 
+# the pix2seq command each DVC stage runs (`bin/pix2seq <command>`)
+COMMANDS = {
+    "download": "download",
+    "prepare": "prepare",
+    "train": "train",
+    "evaluate": "eval",
+    "tune": "tune",
+}
 # the function each stage runs (pix2seq.cli.stages calls them)
 STAGE_MODULES = {
     "download": "pix2seq.data.download",

@@ -17,19 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_deps import REPO, STAGE_MODULES, declared_sources, expand_params, source_closure
+from pipeline_deps import COMMANDS, REPO, STAGE_MODULES, declared_sources, expand_params, source_closure
 
 from pix2seq.config import known_keys, load_config, recording_reads, runtime_keys
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = DVC_YAML["stages"]
-COMMANDS = {
-    "download": "download",
-    "prepare": "prepare",
-    "train": "train",
-    "evaluate": "eval",
-    "tune": "tune",
-}
 # keys a stage reads only under settings the recording run does not use (the stage lists them)
 CONDITIONAL = {
     "data.detr_scales": "read with data.augment: detr (the recording run uses lsj)",

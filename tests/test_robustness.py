@@ -33,6 +33,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_train_config
+from pipeline_deps import COMMANDS
 
 from pix2seq.checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
 from pix2seq.config import PrepareConfig
@@ -42,14 +43,7 @@ from pix2seq.errors import Pix2SeqError, run_entry_point
 from pix2seq.evaluation.coco import coco_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("download", "prepare", "train", "evaluate", "tune")
-COMMANDS = {
-    "download": "download",
-    "prepare": "prepare",
-    "train": "train",
-    "evaluate": "eval",
-    "tune": "tune",
-}
+STAGES = tuple(COMMANDS)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities:DeprecationWarning"
