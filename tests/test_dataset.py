@@ -30,6 +30,7 @@ from pix2seq.data.transforms import (
     eval_transform,
 )
 from pix2seq.tokenizer import sequence_length
+from pix2seq.vocab import NOISE
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities:DeprecationWarning"
@@ -74,7 +75,7 @@ def test_augmented_boxes_frame_the_coloured_pixels(recipe):
     img, boxes, labels = _red_rectangle()
     stats = {"kept": 0, "dropped": 0, "cut": 0, "flipped": 0}
     for seed in range(80):
-        canvas, b, lab, scale = t(img, boxes, labels, torch.Generator().manual_seed(seed))
+        canvas, b, lab, scale, _ = t(img, boxes, labels, torch.Generator().manual_seed(seed))
         assert canvas.shape == (3, S, S) and canvas.dtype == torch.uint8
         assert b.dtype == torch.float32 and b.shape[1] == 4 and lab.shape == (b.shape[0],)
         assert (b >= 0).all() and (b <= S).all()
@@ -107,12 +108,30 @@ def test_augmented_boxes_frame_the_coloured_pixels(recipe):
         assert stats["flipped"] > 0 and stats["cut"] > 0 and stats["dropped"] > 0, stats
 
 
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_size_is_the_images_extent_on_the_canvas(recipe):
+    """``size`` is exactly the part of the canvas the image covers (the tokenizer's noise region)."""
+    img = torch.full((3, H, W), 255, dtype=torch.uint8)
+    sizes = set()
+    for seed in range(20):
+        out = RECIPES[recipe](
+            img, torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long), torch.Generator().manual_seed(seed)
+        )
+        h, w = out.size
+        sizes.add((h, w))
+        assert 1 <= h <= S and 1 <= w <= S
+        assert (out.canvas[:, :h, :w] > 0).all()
+        assert (out.canvas[:, h:, :] == 0).all() and (out.canvas[:, :, w:] == 0).all()
+    if recipe != "eval":
+        assert len(sizes) > 1
+
+
 def test_lsj_scale_and_crop_ranges():
     img, boxes, labels = _red_rectangle()
     t = LargeScaleJitter(S, 0.3, 2.0, hflip=0.0)
     scales = []
     for seed in range(50):
-        canvas, b, _, scale = t(img, boxes, labels, torch.Generator().manual_seed(seed))
+        canvas, b, _, scale, _ = t(img, boxes, labels, torch.Generator().manual_seed(seed))
         scales.append(scale)
         content_w = int((canvas.sum(dim=(0, 1)) > 0).nonzero().max()) + 1 if canvas.any() else 0
         assert content_w <= S
@@ -125,17 +144,17 @@ def test_detr_sizes():
     img, boxes, labels = _red_rectangle()
     t = DetrAugment(S, [48, 64], hflip=0.0, crop=False)
     for seed in range(10):
-        canvas, b, _, scale = t(img, boxes, labels, torch.Generator().manual_seed(seed))
+        canvas, b, _, scale, _ = t(img, boxes, labels, torch.Generator().manual_seed(seed))
         assert round(H * scale) in (48, 64)  # the shorter side is one of the scales
         assert torch.allclose(b, torch.tensor([RECT, CORNER], dtype=torch.float32) * scale, atol=1.0)
     # a scale larger than the canvas allows: the longer side is capped at S
-    canvas, b, _, scale = DetrAugment(S, [400], hflip=0.0, crop=False)(img, boxes, labels)
+    canvas, b, _, scale, _ = DetrAugment(S, [400], hflip=0.0, crop=False)(img, boxes, labels)
     assert scale == pytest.approx(S / W) and _red_extent(canvas)[2] <= S
 
 
 def test_eval_transform_maps_back_to_original_pixels():
     img, boxes, labels = _red_rectangle()
-    canvas, b, lab, scale = EvalTransform(S)(img, boxes, labels)
+    canvas, b, lab, scale, _ = EvalTransform(S)(img, boxes, labels)
     assert scale == pytest.approx(S / max(H, W))
     assert torch.allclose(b / scale, boxes, atol=0.5) and lab.tolist() == [1, 2]
     assert (canvas[:, round(H * scale) :, :] == 0).all()  # zero padding below the image
@@ -155,10 +174,10 @@ def test_official_pixels_give_a_float_canvas_padded_with_0_3(recipe):
         "lsj": lambda pad: LargeScaleJitter(S, 0.5, 0.9, hflip=0.5, pad_value=pad),
         "detr": lambda pad: DetrAugment(S, [64, 72], hflip=0.5, crop=True, pad_value=pad),
     }[recipe]
-    u8, b8, l8, s8 = make(None)(img, boxes, labels, torch.Generator().manual_seed(3))
-    fl, bf, lf, sf = make(OFFICIAL_PAD_VALUE)(img, boxes, labels, torch.Generator().manual_seed(3))
+    u8, b8, l8, s8, z8 = make(None)(img, boxes, labels, torch.Generator().manual_seed(3))
+    fl, bf, lf, sf, zf = make(OFFICIAL_PAD_VALUE)(img, boxes, labels, torch.Generator().manual_seed(3))
     assert u8.dtype == torch.uint8 and fl.dtype == torch.float32
-    assert torch.equal(b8, bf) and torch.equal(l8, lf) and s8 == sf
+    assert torch.equal(b8, bf) and torch.equal(l8, lf) and s8 == sf and z8 == zf
     pad = u8.sum(0) == 0
     assert pad.any() and bool((fl[:, pad] == torch.tensor(OFFICIAL_PAD_VALUE)).all())
     # inside the image the float canvas is the uint8 one before its rounding
@@ -248,6 +267,32 @@ def test_items_follow_the_data_contract(prepared):
     assert batch["image"].shape == (3, 3, 64, 64) and batch["image_id"].shape == (3,)
     assert batch["orig_size"].shape == (3, 2) and batch["scale"].shape == (3,)
     assert isinstance(batch["boxes"], list) and len(batch["labels"]) == 3
+
+
+def test_training_noise_objects_lie_on_the_image_not_the_padding(prepared):
+    """LSJ at scale 0.3-0.5 leaves most of the canvas padding; every noise object stays on the image."""
+    cfg = _cfg(
+        prepared,
+        data__scale_min=0.3,
+        data__scale_max=0.5,
+        data__image_size=64,
+        tokenizer__bins=1000,
+        tokenizer__max_instances=20,
+    )
+    vocab = build_vocab(cfg)
+    ds = build_dataset(cfg, "train2017", train=True, vocab=vocab)
+    n_noise = 0
+    for i in range(len(ds)):
+        item = ds[(i, 7)]
+        h = int((item["image"].sum(dim=(0, 2)) > 0).nonzero().max()) + 1  # image rows (shapes on texture)
+        w = int((item["image"].sum(dim=(0, 1)) > 0).nonzero().max()) + 1
+        assert h <= 0.5 * 64 + 1 and w <= 0.5 * 64 + 1
+        objs = item["target_tokens"][:-1].reshape(-1, 5)
+        noise = objs[objs[:, 4] == NOISE]
+        yxyx = vocab.dequantize(noise[:, :4]) * 64
+        n_noise += len(noise)
+        assert (yxyx[:, [0, 2]] <= h + 0.1).all() and (yxyx[:, [1, 3]] <= w + 0.1).all(), (i, h, w)
+    assert n_noise > 10 * len(ds)
 
 
 def test_batch_repetition_gives_k_different_copies(prepared):

@@ -437,7 +437,7 @@ def test_official_eval_transform_equals_tensorflow_resize_and_pad(size):
     """model.pixels: official -> x/255, tf.image.resize(bilinear, antialias, aspect kept), 0.3 padding."""
     h, w = size
     img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
-    canvas, _, _, scale = EvalTransform(128, OFFICIAL_PAD_VALUE)(img, torch.zeros(0, 4), torch.zeros(0))
+    canvas, _, _, scale, _ = EvalTransform(128, OFFICIAL_PAD_VALUE)(img, torch.zeros(0, 4), torch.zeros(0))
     x = tf.image.convert_image_dtype(img.permute(1, 2, 0).numpy(), tf.float32)
     r = tf.image.resize(x, (128, 128), method="bilinear", antialias=True, preserve_aspect_ratio=True)
     want = OFFICIAL_PAD_VALUE + tf.image.pad_to_bounding_box(r - OFFICIAL_PAD_VALUE, 0, 0, 128, 128)

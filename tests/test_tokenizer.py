@@ -292,3 +292,31 @@ def test_class_weight_scales_only_real_class_tokens():
     noise = w[10:30].reshape(4, 5)  # noise objects keep their own weights
     assert torch.equal(noise[:, 4], torch.full((4,), cfg.noise_class_weight))
     assert bool((noise[:, :4] == cfg.noise_coord_weight).all())
+
+
+def _noise_extremes(extent: tuple[float, float] | None) -> tuple[float, float]:
+    """The largest y and x any noise coordinate reaches over 20 samples (canvas fractions)."""
+    v = Vocab(num_classes=5, bins=1000)
+    cfg = TokenizerConfig(bins=1000, max_instances=40)
+    boxes, labels = torch.tensor([[0.05, 0.1, 0.15, 0.3]]), torch.tensor([1])
+    kwargs = {} if extent is None else {"extent": extent}
+    y_max = x_max = 0.0
+    for s in range(20):
+        _, tgt, _ = build_sequence(boxes, labels, v, cfg, torch.Generator().manual_seed(s), **kwargs)
+        objs = tgt[:-1].reshape(40, 5)
+        yxyx = v.dequantize(objs[objs[:, 4] == NOISE][:, :4])
+        y_max = max(y_max, float(yxyx[:, [0, 2]].max()))
+        x_max = max(x_max, float(yxyx[:, [1, 3]].max()))
+    return y_max, x_max
+
+
+def test_noise_boxes_stay_inside_the_image_not_on_the_padding():
+    """An image covering the top-left 0.5 x 0.25 of the canvas (h x w): noise objects are drawn inside
+    it (the official code injects them before padding), and fill it rather than a corner of it."""
+    y_max, x_max = _noise_extremes((0.5, 0.25))
+    half_bin = 0.5 / 999
+    assert y_max <= 0.5 + half_bin and x_max <= 0.25 + half_bin
+    assert y_max > 0.45 and x_max > 0.22
+    # without an extent the whole canvas is the image: the same draws then reach its far side
+    y_full, x_full = _noise_extremes(None)
+    assert y_full > 0.9 and x_full > 0.9

@@ -7,7 +7,10 @@ Training sequences (T = 5 * max_instances + 1)::
     input  = [PROMPT, y0 x0 y1 x1 c, ..., PAD ...]
     target = [y0 x0 y1 x1 c, ..., EOS, PAD ...]
 
-Coordinates are normalised by the side of the square padded canvas before quantisation.
+Coordinates are normalised by the side of the square padded canvas before quantisation. Noise
+objects are drawn inside the image's own extent on the canvas, not over the padding (as the official
+code does: it injects them before padding, data/transforms.py ``inject_noise_bbox`` then
+``pad_image_to_max_size``, configs/transform_configs.py:50-55).
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ def noise_boxes(
     real: Tensor, n_noise: int, tcfg: TokenizerConfig, generator: torch.Generator | None
 ) -> Tensor:
     """Fake objects for sequence augmentation (spec section 3).
+
+    Everything is in the image's own frame: [0, 1] spans the image, not the padded canvas (see
+    :func:`build_sequence`), so random centres and sizes follow the image as the official ones do.
 
     Args:
         real: (n, 4) xyxy in [0, 1], the real boxes of the sample (may be empty).
@@ -139,6 +145,7 @@ def build_sequence(
     tcfg: TokenizerConfig,
     generator: torch.Generator | None = None,
     train: bool = True,
+    extent: tuple[float, float] = (1.0, 1.0),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One sample's training sequences.
 
@@ -147,6 +154,8 @@ def build_sequence(
         labels: (N,) long contiguous labels in [0, num_classes).
         train: False disables every random part (order, noise, corruption, dropout) and keeps the
             annotation order.
+        extent: (h, w) of the image on the canvas as fractions of the canvas side (the image sits
+            top-left; padding beyond). Noise boxes are drawn inside it.
     Returns:
         input_tokens (T,) long, target_tokens (T,) long, token_weights (T,) float, T = 5*max_instances + 1.
     """
@@ -164,7 +173,10 @@ def build_sequence(
     weights_obj = [w_real]
     noise = real.new_zeros((0, 4))
     if train and tcfg.augment_sequence and n < m:
-        noise = _sort_corners(noise_boxes(real, m - n, tcfg, generator))
+        # draw in the image's frame, then map back onto the canvas: no noise box on the padding
+        hw = torch.tensor([extent[1], extent[0]] * 2)  # (4,) w h w h
+        noise = noise_boxes((real / hw).clamp(0.0, 1.0), m - n, tcfg, generator) * hw
+        noise = _sort_corners(noise)
     k = noise.shape[0]
     if tcfg.noise_class == "noise":
         noise_cls = torch.full((k,), vocab.noise, dtype=torch.long)

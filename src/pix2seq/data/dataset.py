@@ -194,17 +194,19 @@ class DetectionDataset(Dataset):
         boxes = torch.from_numpy(boxes_np.copy())
         labels = torch.from_numpy(labels_np.copy())
         orig_size = torch.tensor(image.shape[-2:], dtype=torch.long)
-        canvas, boxes, labels, scale = self.transform(image, boxes, labels, g)
+        out = self.transform(image, boxes, labels, g)
         item: dict[str, Any] = {
-            "image": canvas,
-            "boxes": boxes,
-            "labels": labels,
+            "image": out.canvas,
+            "boxes": out.boxes,
+            "labels": out.labels,
             "image_id": int(m.image_ids[index]),
             "orig_size": orig_size,
-            "scale": scale,
+            "scale": out.scale,
         }
         if self.train:
-            inp, tgt, w = build_sequence(boxes / self.image_size, labels, self.vocab, self.tcfg, g)
+            S = self.image_size
+            extent = (out.size[0] / S, out.size[1] / S)
+            inp, tgt, w = build_sequence(out.boxes / S, out.labels, self.vocab, self.tcfg, g, extent=extent)
             item.update(input_tokens=inp, target_tokens=tgt, token_weights=w)
         return item
 

@@ -1,9 +1,10 @@
 """Image + box transforms onto the square padded canvas (torchvision.transforms.v2, tv_tensors).
 
 Every transform maps ``(image uint8 (3,H,W), boxes float (N,4) xyxy original pixels, labels (N,))``
-to ``(canvas uint8 (3,S,S), boxes (N',4) xyxy canvas pixels, labels (N',), scale)``: the image sits
-top-left on a zero canvas of side ``S = data.image_size``. Boxes that leave the canvas or become
-degenerate are dropped (``v2.SanitizeBoundingBoxes``), with their labels.
+to a :class:`Sample` ``(canvas (3,S,S), boxes (N',4) xyxy canvas pixels, labels (N',), scale,
+size)``: the image sits top-left on a canvas of side ``S = data.image_size`` and covers its
+``size = (h, w)`` pixels (the rest is padding; see ``pad_value`` below). Boxes that leave the canvas or become degenerate are
+dropped (``v2.SanitizeBoundingBoxes``), with their labels.
 
 Recipes (``data.augment``):
 
@@ -32,6 +33,7 @@ All randomness comes from the ``generator`` argument, so a sample is a pure func
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,7 +43,16 @@ from torchvision.transforms.v2 import functional as F
 
 from pix2seq.config import DataConfig
 
-Result = tuple[Tensor, Tensor, Tensor, float]
+
+class Sample(NamedTuple):
+    """What a transform returns (see the module docstring)."""
+
+    canvas: Tensor  # (3, S, S) uint8, or float32 in [0, 1] with a pad_value
+    boxes: Tensor  # float (N, 4) xyxy canvas pixels
+    labels: Tensor  # long (N,)
+    scale: float  # canvas pixels per original pixel
+    size: tuple[int, int]  # (h, w): the image's extent on the canvas, top-left; padding beyond
+
 
 _sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, min_area=1.0)
 
@@ -114,7 +125,7 @@ def _finish(
     scale: float,
     sanitize: bool = True,
     pad_value: float | None = None,
-) -> Result:
+) -> Sample:
     """Pad top-left onto the canvas and drop boxes that no longer frame anything."""
     h, w = img.shape[-2:]
     assert h <= size and w <= size, (h, w, size)
@@ -129,7 +140,7 @@ def _finish(
         boxes, labels = out["boxes"], out["labels"]
     else:
         boxes = bb
-    return canvas, boxes.as_subclass(Tensor).float().reshape(-1, 4), labels, float(scale)
+    return Sample(canvas, boxes.as_subclass(Tensor).float().reshape(-1, 4), labels, float(scale), (h, w))
 
 
 class EvalTransform:
@@ -140,7 +151,7 @@ class EvalTransform:
 
     def __call__(
         self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
-    ) -> Result:
+    ) -> Sample:
         H, W = image.shape[-2:]
         r = self.size / max(H, W)
         out_h, out_w = min(self.size, max(1, round(H * r))), min(self.size, max(1, round(W * r)))
@@ -166,7 +177,7 @@ class LargeScaleJitter:
 
     def __call__(
         self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
-    ) -> Result:
+    ) -> Sample:
         S = self.size
         H, W = image.shape[-2:]
         s = self.scale_min + (self.scale_max - self.scale_min) * _rand(generator)
@@ -224,7 +235,7 @@ class DetrAugment:
 
     def __call__(
         self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
-    ) -> Result:
+    ) -> Sample:
         S = self.size
         H, W = image.shape[-2:]
         flip = _rand(generator) < self.hflip
@@ -248,9 +259,8 @@ class DetrAugment:
 
 def eval_transform(image: Tensor, size: int, pad_value: float | None = None) -> tuple[Tensor, float]:
     """One raw image (uint8 (3, H, W)) -> (canvas (3, size, size), scale): the inference input."""
-    t = EvalTransform(size, pad_value)
-    canvas, _, _, scale = t(image, torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.long))
-    return canvas, scale
+    out = EvalTransform(size, pad_value)(image, torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.long))
+    return out.canvas, out.scale
 
 
 def build_transform(dcfg: DataConfig, train: bool, pad_value: float | None = None):
