@@ -320,3 +320,19 @@ def test_noise_boxes_stay_inside_the_image_not_on_the_padding():
     # without an extent the whole canvas is the image: the same draws then reach its far side
     y_full, x_full = _noise_extremes(None)
     assert y_full > 0.9 and x_full > 0.9
+
+
+def test_duplicates_and_bad_noise_boxes_are_shuffled_together():
+    """Official data_utils.augment_bbox shuffles bad and duplicate boxes as one block: a duplicate
+    (IoU > 0.5 with the real box) must not always come before every bad box."""
+    from torchvision.ops import box_iou
+
+    real = torch.tensor([[0.40, 0.40, 0.60, 0.55]])
+    interleaved = 0
+    for s in range(30):
+        nb = noise_boxes(real, 20, TokenizerConfig(), torch.Generator().manual_seed(s))
+        assert nb.shape == (20, 4)
+        is_dup = (box_iou(nb, real)[:, 0] > 0.5).long()
+        # duplicates first would make is_dup non-increasing; shuffled, a bad box precedes a duplicate
+        interleaved += int((is_dup[1:] > is_dup[:-1]).any())
+    assert interleaved >= 20

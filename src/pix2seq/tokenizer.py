@@ -70,8 +70,9 @@ def noise_boxes(
         real: (n, 4) xyxy in [0, 1], the real boxes of the sample (may be empty).
         n_noise: how many fake boxes to make.
     Returns:
-        (n_noise, 4) xyxy in [0, 1]: duplicates of real boxes with truncated-normal jitter first
-        (their count uniform in 0..n_noise), then bad boxes, each 50/50 shifted or random.
+        (n_noise, 4) xyxy in [0, 1]: duplicates of real boxes with truncated-normal jitter (their
+        count uniform in 0..n_noise) and bad boxes, each 50/50 shifted or random, shuffled together
+        (official data/data_utils.py:387-394), so the model cannot tell them apart by position.
     """
     if n_noise <= 0:
         return real.new_zeros((0, 4))
@@ -84,15 +85,13 @@ def noise_boxes(
         wh = (src[:, 2:] - src[:, :2]).repeat(1, 2)  # (n_dup, 4): w h w h
         parts.append((src + wh * truncated_normal((n_dup, 4), tcfg.jitter_std, generator)).clamp(0.0, 1.0))
     n_bad = n_noise - n_dup
-    if n_bad > 0:
-        can_shift = tcfg.noise_shifted and n_real > 0
+    can_shift = tcfg.noise_shifted and n_real > 0
+    if n_bad > 0 and (can_shift or tcfg.noise_random):  # else: no bad kind is enabled
         if can_shift and tcfg.noise_random:
             shifted = _uniform((n_bad,), generator) < 0.5
         else:
             # only one kind (or none) is enabled: the bad boxes are all of the enabled kind
             shifted = torch.full((n_bad,), can_shift)
-        if not (can_shift or tcfg.noise_random):
-            return torch.cat(parts) if parts else real.new_zeros((0, 4))
         cy, cx = _uniform((n_bad,), generator), _uniform((n_bad,), generator)
         rand_hw = truncated_normal((n_bad, 2), 0.5, generator).abs()
         if n_real > 0:
@@ -102,7 +101,8 @@ def noise_boxes(
         else:
             hw = rand_hw
         parts.append(_boxes_from_centre(cy, cx, hw[:, 0], hw[:, 1]))
-    return torch.cat(parts) if parts else real.new_zeros((0, 4))
+    noise = torch.cat(parts) if parts else real.new_zeros((0, 4))
+    return noise[torch.randperm(noise.shape[0], generator=generator)]
 
 
 def _sort_corners(boxes: Tensor) -> Tensor:
