@@ -3,6 +3,7 @@ reproducible seeding and distributed sharding."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
@@ -293,6 +294,34 @@ def test_training_noise_objects_lie_on_the_image_not_the_padding(prepared):
         n_noise += len(noise)
         assert (yxyx[:, [0, 2]] <= h + 0.1).all() and (yxyx[:, [1, 3]] <= w + 0.1).all(), (i, h, w)
     assert n_noise > 10 * len(ds)
+
+
+def test_training_skips_images_without_boxes_validation_keeps_them(prepared, tmp_path):
+    """The official pipeline filters box-less examples in training only (data/coco.py:59-64)."""
+    import json
+
+    root, out = prepared
+    for split in ("train2017", "val2017"):
+        data = json.loads((out / f"{split}.json").read_text())
+        data["boxes"][0] = data["boxes"][2] = []
+        data["labels"][0] = data["labels"][2] = []
+        (tmp_path / f"{split}.json").write_text(json.dumps(data))
+    cfg = _cfg((root, tmp_path))
+    vocab = build_vocab(cfg)
+    full = load_manifest(out / "train2017.json")
+    train = build_dataset(cfg, "train2017", train=True, vocab=vocab)
+    kept = [k for k in range(len(full)) if k not in (0, 2)]
+    assert train.manifest.image_ids.tolist() == full.image_ids[kept].tolist()
+    for k, j in enumerate(kept):  # every remaining image keeps its own boxes and labels
+        assert np.array_equal(train.manifest.targets(k)[0], full.targets(j)[0])
+        assert np.array_equal(train.manifest.targets(k)[1], full.targets(j)[1])
+    assert len(build_dataset(cfg, "val2017", train=False)) == len(load_manifest(out / "val2017.json"))
+    # nothing left to train on: an empty training set (DetectionData.check_trainable names it)
+    data = json.loads((out / "train2017.json").read_text())
+    data["boxes"] = [[] for _ in data["boxes"]]
+    data["labels"] = [[] for _ in data["labels"]]
+    (tmp_path / "train2017.json").write_text(json.dumps(data))
+    assert len(build_dataset(cfg, "train2017", train=True, vocab=vocab)) == 0
 
 
 def test_batch_repetition_gives_k_different_copies(prepared):

@@ -73,6 +73,19 @@ class Manifest:
         a, b = self.offsets[i], self.offsets[i + 1]
         return self.boxes[a:b], self.labels[a:b]
 
+    def with_objects(self) -> Manifest:
+        """The images that have at least one box (boxes and labels are shared, not copied)."""
+        counts = np.diff(self.offsets)
+        keep = counts > 0
+        if keep.all():
+            return self
+        offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+        np.cumsum(counts[keep], out=offsets[1:])
+        return Manifest(
+            self.split, self.root, self.categories, self.image_ids[keep], self.files[keep], self.sizes[keep],
+            self.boxes, self.labels, offsets,
+        )  # fmt: skip
+
     def subset(self, n: int) -> Manifest:
         """The first ``n`` images (``n <= 0``: all)."""
         if n <= 0 or n >= len(self):
@@ -231,9 +244,15 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_dataset(cfg: Config, split: str, train: bool, vocab: Vocab | None = None) -> DetectionDataset:
-    """The dataset of a prepared ``split`` with the configured recipe (train) or eval transform."""
+    """The dataset of a prepared ``split`` with the configured recipe (train) or eval transform.
+
+    Training skips images without boxes, as the official code does (data/coco.py:59-64: examples
+    with no instance are filtered out in training only); evaluation keeps every image.
+    """
     manifest = load_manifest(manifest_path(cfg.data.prepared_dir, split))
-    if not train and cfg.data.max_val_images > 0:
+    if train:
+        manifest = manifest.with_objects()  # none left: DetectionData.check_trainable says so
+    elif cfg.data.max_val_images > 0:
         manifest = manifest.subset(cfg.data.max_val_images)
     return DetectionDataset(
         manifest,
