@@ -185,6 +185,17 @@ def test_official_pixels_give_a_float_canvas_padded_with_0_3(recipe):
     assert (fl[:, ~pad] * 255 - u8[:, ~pad].float()).abs().max() <= 1.0
 
 
+@pytest.mark.parametrize("recipe", ["lsj", "detr"])
+def test_training_transforms_drop_only_boxes_without_area(recipe):
+    """A 0.4 px sliver stays (the official filter keeps max > min); a box off the image goes."""
+    img = torch.zeros(3, S, S, dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 10.0, 10.4, 30.0], [20.0, 20.0, 40.0, 40.0], [S + 5.0, 0.0, S + 9.0, 8.0]])
+    t = LargeScaleJitter(S, 1.0, 1.0, hflip=0.0) if recipe == "lsj" else DetrAugment(S, [S], 0.0, crop=False)
+    out = t(img, boxes, torch.tensor([0, 1, 2]))
+    assert out.labels.tolist() == [0, 1]
+    assert torch.allclose(out.boxes, boxes[:2], atol=1e-4)
+
+
 def test_build_transform_recipes():
     d = DataConfig(image_size=64)
     assert isinstance(build_transform(d, True), LargeScaleJitter)

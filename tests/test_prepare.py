@@ -70,7 +70,7 @@ def fixture_root(tmp_path) -> Path:
         _ann(108, 6, [1, 1, "x", 10]),  # malformed bbox
         _ann(109, 2, [1, 1, 10, 10]),  # on the truncated image
         _ann(110, 5, [2, 2, 8, 8], cat=7),  # on the PNG
-        _ann(111, 7, [0.5, 0.5, 0.6, 12]),  # narrower than min_box_size 1
+        _ann(111, 7, [0.5, 0.5, 0.6, 12]),  # 0.6 px wide: kept (official), dropped by min_box_size 1
     ]
     _write_split(root, "train2017", images, anns, CATS, files)
     _write_split(root, "val2017", [_im(1)], [_ann(201, 1, [0, 0, 40, 30], cat=7)], CATS, {"000001.jpg": good})
@@ -98,15 +98,15 @@ def test_every_problem_is_counted_and_named(fixture_root, tmp_path):
         "ignore": 0,
         "ambiguous_image": 0,
         "duplicate": 0,
-        "degenerate": 2,
+        "degenerate": 1,
         "outside_image": 1,
         "unknown_category": 1,
         "unknown_image": 1,
         "malformed": 1,
         "bad_image": 1,
     }
-    assert tr["boxes_total"] == 11 and tr["boxes_kept"] == 3 and tr["boxes_clamped"] == 1
-    assert tr["boxes_dropped"] == 8
+    assert tr["boxes_total"] == 11 and tr["boxes_kept"] == 4 and tr["boxes_clamped"] == 1
+    assert tr["boxes_dropped"] == 7
 
     issues = json.loads((out / "issues.json").read_text())["train2017"]
     text = "\n".join(issues)
@@ -117,7 +117,7 @@ def test_every_problem_is_counted_and_named(fixture_root, tmp_path):
     assert f"{ann_file}: annotation 107: field 'image_id' 999 is not in images" in text
     assert f"{ann_file}: annotation 108: field 'bbox' must be 4 finite numbers" in text
     assert f"{ann_file}: annotation 103: box" in text and "outside" in text
-    assert f"{ann_file}: annotation 104: box" in text
+    assert f"{ann_file}: annotation 104: box [10, 10, 0, 0] has no area after clamping" in text
 
 
 def test_manifest_contents(fixture_root, tmp_path):
@@ -168,6 +168,11 @@ def test_size_mismatch_and_no_decode_mode(fixture_root, tmp_path):
 
 
 def test_min_box_size(fixture_root, tmp_path):
+    """Default 0: only boxes without area go (the official rule); a positive size drops thin boxes too."""
+    result, out, _ = _prepare(fixture_root, tmp_path, min_box_size=1.0)
+    assert result["train2017"]["boxes_dropped_by_reason"]["degenerate"] == 2  # 104 and the 0.6 px 111
+    issues = "\n".join(json.loads((out / "issues.json").read_text())["train2017"])
+    assert "annotation 111: box [0.5, 0.5, 0.6, 12] is smaller than data.prepare.min_box_size=1" in issues
     # box 101 (10x10) and the clamped 102 (10x10) now fall below the limit; 110 (8x8) too: a
     # training split without a single box is an error, not a run that trains on nothing
     with pytest.raises(

@@ -140,7 +140,9 @@ class DownloadConfig(Section):
 @dataclass(repr=False, eq=False)
 class PrepareConfig(Section):
     max_bad_fraction: float = 0.01  # fail the stage when more images than this are unreadable
-    min_box_size: float = 1.0  # boxes narrower or shorter than this (pixels) are dropped
+    # boxes with zero width or height are always dropped (the official rule); > 0: also boxes
+    # narrower or shorter than this (pixels)
+    min_box_size: float = 0.0
     check_images: bool = True  # decode every image once to catch truncated files
 
 

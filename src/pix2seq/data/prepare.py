@@ -6,10 +6,11 @@ For each split (``<root>/annotations/instances_<split>.json`` + ``<root>/<split>
   entry states; bad images are excluded and counted, and the stage fails when more than
   ``data.prepare.max_bad_fraction`` of a split is bad. An image id two different entries claim is
   excluded with its annotations (they could belong to either file);
-- boxes are clamped to the image; boxes narrower or shorter than ``data.prepare.min_box_size``
-  (including boxes entirely outside the image) are dropped; annotations with unknown category or
-  image ids, or malformed fields, are dropped with a message naming the file, the annotation id and
-  the field; repeated annotation ids are reported (an exact repeat is dropped);
+- boxes are clamped to the image; boxes with no width or height left (including boxes entirely
+  outside the image), or narrower or shorter than ``data.prepare.min_box_size`` when that is set,
+  are dropped; annotations with unknown category or image ids, or malformed fields, are dropped with
+  a message naming the file, the annotation id and the field; repeated annotation ids are reported
+  (an exact repeat is dropped);
 - crowd regions (``iscrowd``) and entries flagged ``ignore`` are not trained on but kept, clamped
   the same way, for evaluation (COCO ignores detections on them);
 - categories map to contiguous labels ``0..C-1`` sorted by category id (the union over splits);
@@ -437,13 +438,12 @@ def _read_annotations(
             continue
         cx0, cy0 = min(max(x0, 0.0), W), min(max(y0, 0.0), H)
         cx1, cy1 = min(max(x1, 0.0), W), min(max(y1, 0.0), H)
-        if cx1 - cx0 < min_size or cy1 - cy0 < min_size:
+        # the official rule keeps every box with a positive width and height (data/transforms.py:268)
+        no_area = cx1 <= cx0 or cy1 <= cy0
+        if no_area or min(cx1 - cx0, cy1 - cy0) < min_size:
             out.dropped["degenerate"] += 1
-            issue(
-                "box_degenerate",
-                f"{where}: box {bbox} is smaller than data.prepare.min_box_size={min_size:g} "
-                f"after clamping to the {W}x{H} image {iid}",
-            )
+            why = "has no area" if no_area else f"is smaller than data.prepare.min_box_size={min_size:g}"
+            issue("box_degenerate", f"{where}: box {bbox} {why} after clamping to the {W}x{H} image {iid}")
             continue
         box = [round(cx0, 3), round(cy0, 3), round(cx1, 3), round(cy1, 3)]
         area = float(a["area"]) if _num(a.get("area")) and a["area"] > 0 else (cx1 - cx0) * (cy1 - cy0)

@@ -3,8 +3,10 @@
 Every transform maps ``(image uint8 (3,H,W), boxes float (N,4) xyxy original pixels, labels (N,))``
 to a :class:`Sample` ``(canvas (3,S,S), boxes (N',4) xyxy canvas pixels, labels (N',), scale,
 size)``: the image sits top-left on a canvas of side ``S = data.image_size`` and covers its
-``size = (h, w)`` pixels (the rest is padding; see ``pad_value`` below). Boxes that leave the canvas or become degenerate are
-dropped (``v2.SanitizeBoundingBoxes``), with their labels.
+``size = (h, w)`` pixels (the rest is padding; see ``pad_value`` below). Boxes are clamped to the
+image; those left without width or height (cropped away) are dropped with their labels, and only
+those: the official ``filter_invalid_objects`` keeps every box with ``max > min`` on both axes
+(data/transforms.py:268).
 
 Recipes (``data.augment``):
 
@@ -38,7 +40,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from pix2seq.config import DataConfig
@@ -53,8 +54,6 @@ class Sample(NamedTuple):
     scale: float  # canvas pixels per original pixel
     size: tuple[int, int]  # (h, w): the image's extent on the canvas, top-left; padding beyond
 
-
-_sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, min_area=1.0)
 
 OFFICIAL_PAD_VALUE = 0.3  # the official pad_image_to_max_size's background, in [0, 1] pixels
 
@@ -135,12 +134,12 @@ def _finish(
         canvas = torch.full((3, size, size), pad_value, dtype=torch.float32)
     canvas[:, :h, :w] = img
     bb = tv_tensors.wrap(F.clamp_bounding_boxes(bb), like=bb, canvas_size=(size, size))
+    boxes = bb.as_subclass(Tensor).float().reshape(-1, 4)
     if sanitize:
-        out = _sanitize({"boxes": bb, "labels": labels})
-        boxes, labels = out["boxes"], out["labels"]
-    else:
-        boxes = bb
-    return Sample(canvas, boxes.as_subclass(Tensor).float().reshape(-1, 4), labels, float(scale), (h, w))
+        # strictly positive extent: v2.SanitizeBoundingBoxes only has inclusive minimum sizes
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, labels = boxes[keep], labels[keep]
+    return Sample(canvas, boxes, labels, float(scale), (h, w))
 
 
 class EvalTransform:
