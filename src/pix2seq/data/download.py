@@ -19,7 +19,10 @@ Guarantees:
   tqdm bar each, and resume a partial ``<archive>.part`` with an HTTP ``Range`` request (a server
   that ignores ranges is detected and the file restarts from zero).
 - Every archive is checked against its published size and MD5 (:data:`ARCHIVES`, or a custom
-  manifest for a mirror/test server); a mismatch removes the file and fails with both values.
+  manifest for a mirror/test server), or, where none is published, against the MD5 the server
+  declares for the object (Google Cloud Storage's ``x-goog-hash: md5=<base64>``); a mismatch removes
+  the file and fails with both values. :func:`download_file` is the reusable part (the official
+  weights use it too).
 - Extraction refuses absolute paths, ``..`` components, symlinks and special files, and entries
   another archive already extracted; it extracts into a temporary directory under ``<root>`` and
   moves the complete files into place, merging into existing directories (another archive's files
@@ -33,6 +36,8 @@ Guarantees:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import hashlib
 import json
@@ -306,8 +311,28 @@ class _PartFile:
                     os.truncate(self.path, self.offset)
 
 
+def md5_hex_from_base64(value: str) -> str | None:
+    """A base64 MD5 (Cloud Storage's ``md5Hash`` and ``x-goog-hash``) as 32 hex digits; None if malformed."""
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == 16 else None
+
+
+def declared_md5(headers: Mapping[str, str]) -> str | None:
+    """The whole object's MD5 a response declares: ``x-goog-hash: crc32c=...,md5=<base64>`` (GCS sends
+    it on full and ranged reads alike); None when it declares none."""
+    for item in headers.get("x-goog-hash", "").split(","):
+        kind, _, value = item.strip().partition("=")
+        if kind.lower() == "md5" and value:
+            return md5_hex_from_base64(value)
+    return None
+
+
 def _open_stream(url: str, start: int, timeout_s: float, session: requests.Session):
-    """(status, total_size or None, iterator of chunks, closer) for ``url`` from byte ``start``."""
+    """(status, total_size or None, iterator of chunks, closer, declared MD5 or None) for ``url``
+    from byte ``start``."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         local = Path(unquote(parsed.path))
@@ -321,7 +346,7 @@ def _open_stream(url: str, start: int, timeout_s: float, session: requests.Sessi
             while chunk := f.read(_CHUNK):
                 yield chunk
 
-        return (206 if start else 200), total, it(), f.close
+        return (206 if start else 200), total, it(), f.close, None
     headers = {"Accept-Encoding": "identity"}
     if start:
         headers["Range"] = f"bytes={start}-"
@@ -338,7 +363,7 @@ def _open_stream(url: str, start: int, timeout_s: float, session: requests.Sessi
         cr = r.headers.get("Content-Range", "")
         r.close()
         total = int(cr.rsplit("/", 1)[1]) if "/" in cr and cr.rsplit("/", 1)[1].isdigit() else None
-        return 416, total, iter(()), lambda: None
+        return 416, total, iter(()), lambda: None, declared_md5(r.headers)
     if code == 404:
         r.close()
         raise DownloadError(f"HTTP 404 Not Found: {url} (check data.download.base_url and the archive name)")
@@ -379,7 +404,7 @@ def _open_stream(url: str, start: int, timeout_s: float, session: requests.Sessi
         except (urllib3.exceptions.HTTPError, ConnectionError) as e:
             raise _Retryable(f"connection to {url} dropped: {e}") from e
 
-    return code, total, it(), r.close
+    return code, total, it(), r.close, declared_md5(r.headers)
 
 
 def download_file(
@@ -396,6 +421,9 @@ def download_file(
 ) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, and mark it verified.
 
+    The MD5 checked is ``spec.md5`` or, when that is None, the one the server declares for the object
+    (:func:`declared_md5`); a server declaring another MD5 than ``spec.md5`` is an error, and one
+    whose declared MD5 changes between a transfer and its resumption restarts it from zero.
     A file that was verified before (its marker matches size and mtime) is not touched. Raises
     :class:`DownloadError`; on a size/checksum mismatch the file is removed first.
     """
@@ -409,7 +437,8 @@ def download_file(
             return dest
         log.warning("%s: does not match the published size/checksum; downloading it again", dest)
         dest.unlink()
-    part = _PartFile(dest.with_name(dest.name + ".part"), hash_md5=verify_checksums and spec.md5 is not None)
+    part = _PartFile(dest.with_name(dest.name + ".part"), hash_md5=verify_checksums)
+    declared: str | None = None  # the MD5 the server declares for the object
     if spec.size is not None and part.offset > spec.size:
         log.warning("%s: partial file is longer than the archive; starting over", part.path)
         part.reset()
@@ -436,8 +465,19 @@ def download_file(
             try:
                 if spec.size is not None:
                     _ensure_space(dest.parent, spec.size - part.offset, f"the rest of {dest.name}")
-                code, total, chunks, close = _open_stream(url, part.offset, timeout_s, session)
+                code, total, chunks, close, server_md5 = _open_stream(url, part.offset, timeout_s, session)
                 try:
+                    if server_md5 is not None:
+                        if spec.md5 is not None and server_md5 != spec.md5:
+                            part.reset()
+                            raise DownloadError(
+                                f"{url}: the server declares md5 {server_md5}, the published one of "
+                                f"{spec.name} is {spec.md5}; nothing was kept"
+                            )
+                        changed = declared is not None and server_md5 != declared
+                        declared = server_md5
+                        if changed and part.offset:
+                            raise _Restart(f"{url}: the object changed on the server while downloading")
                     if code == 416:
                         if total is not None and total == part.offset:
                             break  # already complete
@@ -500,10 +540,12 @@ def download_file(
             f"{dest.name}: size mismatch: got {size} bytes, expected {spec.size}; the file was removed"
         )
     digest = part.md5.hexdigest() if part.md5 is not None else None
-    if verify_checksums and spec.md5 is not None and digest != spec.md5:
+    expected = spec.md5 or declared
+    if verify_checksums and expected is not None and digest != expected:
         part.reset()
+        source = "published" if spec.md5 else "declared by the server"
         raise DownloadError(
-            f"{dest.name}: checksum mismatch: md5 {digest}, expected {spec.md5} (from {url}); "
+            f"{dest.name}: checksum mismatch: md5 {digest}, expected {expected} ({source}; from {url}); "
             "the file was removed"
         )
     os.replace(part.path, dest)

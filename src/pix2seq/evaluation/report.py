@@ -40,6 +40,7 @@ from pix2seq.evaluation.plots import (
 from pix2seq.model import build_model
 from pix2seq.tracking import RunTracker, readable_run_name
 from pix2seq.vocab import Vocab
+from pix2seq.weights.official import local_model_file
 
 
 class EvaluationError(Pix2SeqError):
@@ -47,9 +48,10 @@ class EvaluationError(Pix2SeqError):
 
 
 def checkpoint_for(cfg: Config) -> Path:
-    """``eval.checkpoint``, else the exported best model, else the best/last training checkpoint."""
+    """``eval.checkpoint`` (a path or ``official:NAME``), else the exported best model, else the
+    best/last training checkpoint."""
     if cfg.eval.checkpoint:
-        return Path(cfg.eval.checkpoint)
+        return local_model_file(cfg.eval.checkpoint)
     exported = Path(cfg.train.output_dir) / "model.pt"
     if exported.exists():
         return exported

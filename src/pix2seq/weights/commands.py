@@ -1,6 +1,13 @@
 """``pix2seq weights ...``: the official Pix2Seq weights.
 
+    pix2seq weights download NAME... [--cache-dir DIR] [--base-url URL] [--no-convert]
+    pix2seq weights download --list
     pix2seq weights convert CKPT_PREFIX --arch resnet|resnet-c --image-size N --out model.pt
+
+``download`` fetches, verifies and converts the named official checkpoints (see
+:mod:`pix2seq.weights.official`) and prints each converted model file; ``official:NAME`` then
+names it anywhere a model is expected (``pix2seq predict --model``, ``eval.checkpoint``,
+``model.init_from``), without a separate download step.
 
 ``convert`` reads an official TensorFlow checkpoint (a prefix such as ``resnet_640x640/ckpt-74844``
 or its directory) and writes a model file that ``pix2seq predict --model``, ``eval.checkpoint`` and
@@ -16,6 +23,41 @@ from typing import Any
 
 EXIT_ERROR = 2
 ARCH_CHOICES = ("resnet", "resnet-c")
+
+
+def _table() -> str:
+    from pix2seq.weights.official import BUCKET, MODELS
+
+    rows = [f"{'name':<14}{'backbone':<16}{'image':>6}{'COCO AP':>9}  source"]
+    for m in MODELS.values():
+        rows.append(
+            f"{m.name:<14}{m.backbone:<16}{m.image_size:>6}{m.published_ap:>9.1f}  gs://{BUCKET}/{m.folder}"
+        )
+    return "\n".join(rows) + "\n(COCO val2017 AP as published by the official README; not measured here)"
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from pix2seq.cli import CliError
+    from pix2seq.data.download import DownloadError
+    from pix2seq.weights import official
+
+    if args.list:
+        print(_table())
+        return 0
+    if not args.names:
+        raise CliError(f"name a model to download; known: {', '.join(official.MODELS)} (or --list)")
+    try:
+        models = [official.lookup(n) for n in args.names]
+        for m in models:
+            if args.no_convert:
+                path = official.download(m.name, cache_dir=args.cache_dir, url=args.base_url)
+                print(f"{m.name}: TF checkpoint {path}")
+            else:
+                path = official.resolve(m.name, cache_dir=args.cache_dir, url=args.base_url)
+                print(f"{m.name}: {path}  (use it as --model official:{m.name})")
+    except (official.OfficialWeightsError, DownloadError) as e:
+        raise CliError(str(e)) from None
+    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -42,7 +84,9 @@ def _image_size(value: str) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``weights`` (and its subcommands) to the ``pix2seq`` parser's ``subparsers``."""
-    p = subparsers.add_parser("weights", help="the official Pix2Seq weights: convert a TensorFlow checkpoint")
+    p = subparsers.add_parser(
+        "weights", help="the official Pix2Seq weights: download and convert their checkpoints"
+    )
     sub = p.add_subparsers(dest="weights_command", metavar="COMMAND", required=True)
     c = sub.add_parser(
         "convert",
@@ -63,3 +107,25 @@ def register(subparsers: Any) -> None:
     )
     c.add_argument("--out", required=True, help="the model file to write (e.g. model.pt)")
     c.set_defaults(func=cmd_convert)
+    d = sub.add_parser(
+        "download",
+        help="download, verify and convert official checkpoints (resnet_640, ...)",
+        description="Download official checkpoints from the public bucket over HTTPS (resumable, "
+        "MD5-verified, cached in $PIX2SEQ_OFFICIAL_CACHE or ~/.cache/pix2seq/official) and convert "
+        "them into model files; print each file.",
+        epilog="examples:\n"
+        "  pix2seq weights download --list\n"
+        "  pix2seq weights download resnet_640\n"
+        "  pix2seq predict photos/ --model official:resnet_640",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument("names", nargs="*", metavar="NAME", help="official model names, e.g. resnet_640")
+    d.add_argument("--list", action="store_true", help="list the known models and exit")
+    d.add_argument("--cache-dir", default=None, help="cache folder (default $PIX2SEQ_OFFICIAL_CACHE)")
+    d.add_argument(
+        "--base-url",
+        default=None,
+        help="bucket host (default $PIX2SEQ_OFFICIAL_BASE_URL, else https://storage.googleapis.com)",
+    )
+    d.add_argument("--no-convert", action="store_true", help="download and verify only")
+    d.set_defaults(func=cmd_download)
