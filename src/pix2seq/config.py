@@ -252,6 +252,9 @@ class ModelConfig(Section):
     # when the grid has one row or column (the official code)
     pos_normalize: bool = False
     max_seq_len: int = 0  # decoder positions; 0: 5 * tokenizer.max_instances + 1 (official: 512)
+    # start training from these weights (a fine-tune: fresh optimizer and schedule): official:NAME
+    # (`pix2seq weights download --list`), a model.pt or a training checkpoint; empty: from scratch
+    init_from: str = ""
 
 
 @dataclass(repr=False, eq=False)
@@ -717,6 +720,11 @@ def validate(cfg: Config) -> None:
         m.max_seq_len == 0 or m.max_seq_len >= need,
         "model.max_seq_len",
         f"{m.max_seq_len} positions cannot hold {t.max_instances} objects (needs {need}, or 0)",
+    )
+    _check(
+        not (m.init_from and m.pretrained),
+        "model.pretrained",
+        "must be false with model.init_from (every weight comes from the init_from file)",
     )
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")

@@ -37,6 +37,7 @@ from pix2seq.engine import TrainState, evaluate_model, train_one_epoch
 from pix2seq.model import build_model
 from pix2seq.optim import build_optimizer, build_schedule
 from pix2seq.tracking import RunTracker, readable_run_name
+from pix2seq.weights.init import load_initial_weights
 
 
 @dataclass
@@ -91,6 +92,10 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
     data = load_detection_data(cfg, distributed=info.world_size > 1)
     data.check_trainable()  # an empty split fails here, naming its manifest, not after 0 steps
     model, criterion = build_model(cfg, data.vocab)
+    if cfg.model.init_from:  # before the optimizer: a fine-tune starts a fresh one
+        summary = load_initial_weights(model, cfg, data.vocab, data.categories)
+        if info.is_main:
+            print(summary)
     model.to(info.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
