@@ -264,8 +264,10 @@ def converted_model(name: str, cache_dir: str | os.PathLike[str] | None = None) 
 
 
 def _default_converter() -> Converter:
-    from pix2seq.weights.convert import convert_checkpoint
-
+    try:
+        from pix2seq.weights.convert import convert_checkpoint
+    except ImportError as e:  # the downloaded files stay cached for a later conversion
+        raise OfficialWeightsError(f"cannot convert official checkpoints in this environment: {e}") from None
     return convert_checkpoint
 
 
