@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -73,6 +75,18 @@ def tiny_train_config(root, prepared, out, **over) -> list[str]:
     }
     base.update(over)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@contextlib.contextmanager
+def serving(server):
+    """Run a ``socketserver`` server (a local HTTP test server) in a thread while the block runs."""
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="session")

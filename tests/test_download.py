@@ -9,12 +9,12 @@ import io
 import json
 import re
 import stat
-import threading
 import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import serving
 
 from pix2seq.config import DownloadConfig, config_from_dict
 from pix2seq.data import download as dl
@@ -96,12 +96,8 @@ class _Server(ThreadingHTTPServer):
 
 @pytest.fixture
 def server():
-    srv = _Server()
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(_Server()) as srv:
+        yield srv
 
 
 # ------------------------------------------------------------------------------ archives

@@ -9,13 +9,13 @@ import base64
 import hashlib
 import json
 import random
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 import torch
+from conftest import serving
 
 from pix2seq.data.download import DownloadError
 from pix2seq.weights import official
@@ -127,12 +127,8 @@ class _Server(ThreadingHTTPServer):
 
 @pytest.fixture
 def gcs():
-    srv = _Server()
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(_Server()) as srv:
+        yield srv
 
 
 class FakeConverter:
