@@ -265,10 +265,17 @@ def converted_model(name: str, cache_dir: str | os.PathLike[str] | None = None) 
 
 def _default_converter() -> Converter:
     try:
-        from pix2seq.weights.convert import convert_checkpoint
+        from pix2seq.weights.convert import ConversionError, convert_checkpoint
     except ImportError as e:  # the downloaded files stay cached for a later conversion
         raise OfficialWeightsError(f"cannot convert official checkpoints in this environment: {e}") from None
-    return convert_checkpoint
+
+    def convert_official(prefix: Path, arch: Arch, image_size: int, out: Path) -> Path:
+        try:
+            return convert_checkpoint(prefix, arch, image_size, out)
+        except ConversionError as e:  # reported like every other official-weights failure
+            raise OfficialWeightsError(str(e)) from None
+
+    return convert_official
 
 
 def convert(model: OfficialModel, prefix: Path, out: Path, converter: Converter | None = None) -> Path:
