@@ -40,7 +40,7 @@ def _model_file(
     state = {
         "model": model.state_dict(),
         "config": cfg.to_dict(),
-        "vocab": {"num_classes": vocab.num_classes, "bins": vocab.bins, "vocab_size": vocab.vocab_size},
+        "vocab": vocab.to_dict(),
         "categories": CATS[: vocab.num_classes],
     }
     if training_checkpoint:  # what CheckpointManager writes: optimizer and counters too
@@ -111,7 +111,7 @@ def test_vocabulary_mismatch_is_explained_in_config_terms(tmp_path):
         load_initial_weights(_fresh(cfg64, Vocab(2, 64)), cfg64, Vocab(2, 64), CATS)
     # a converted official checkpoint: the official token layout
     ckpt = load_checkpoint(src)
-    ckpt["vocab"] = {"num_classes": 80, "bins": 1000, "vocab_size": 3000, "layout": "official"}
+    ckpt["vocab"] = Vocab.for_categories(CATS, 1000, 0, "official").to_dict()
     save_checkpoint(tmp_path / "official.pt", ckpt)
     cfg = _cfg(str(tmp_path / "official.pt"))
     with pytest.raises(

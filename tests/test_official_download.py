@@ -17,8 +17,13 @@ import pytest
 import torch
 from conftest import serving
 
+from pix2seq.checkpoint import load_checkpoint, save_checkpoint
+from pix2seq.config import config_from_dict
 from pix2seq.data.download import DownloadError
+from pix2seq.model import build_model  # torchvision before TensorFlow (the other order aborts)
+from pix2seq.vocab import Vocab
 from pix2seq.weights import official
+from pix2seq.weights.init import load_initial_weights
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities:DeprecationWarning"
@@ -249,11 +254,6 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
 
 def _tiny_model_file(out: Path) -> Path:
     """A real (random-weight) pix2seq model file, as the converter's output would be."""
-    from pix2seq.checkpoint import save_checkpoint
-    from pix2seq.config import config_from_dict
-    from pix2seq.model import build_model
-    from pix2seq.vocab import Vocab
-
     cfg = config_from_dict(
         {
             "data": {"image_size": 64},
@@ -267,7 +267,7 @@ def _tiny_model_file(out: Path) -> Path:
     state = {
         "model": model.state_dict(),
         "config": cfg.to_dict(),
-        "vocab": {"num_classes": vocab.num_classes, "bins": vocab.bins, "vocab_size": vocab.vocab_size},
+        "vocab": vocab.to_dict(),
         "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "bicycle"}],
     }
     return save_checkpoint(out, state)
@@ -326,7 +326,35 @@ def test_weights_download_command_and_predict_with_official_name(gcs, tmp_path, 
     assert len(report["images"]) == 1 and len(gcs.log) == n and len(converted) == 1  # from the cache
 
     # the evaluate stage's eval.checkpoint accepts the name too
-    from pix2seq.config import config_from_dict
     from pix2seq.evaluation.report import checkpoint_for
 
     assert checkpoint_for(config_from_dict({"eval": {"checkpoint": "official:resnet_640"}})) == model_pt
+
+
+def test_real_converter_download_to_fine_tune_start(gcs, tmp_path, monkeypatch):
+    """A TF checkpoint with the official names and shapes (written here with TensorFlow) served by the
+    bucket stand-in -> downloaded, verified, converted by pix2seq.weights.convert ->
+    model.init_from fills a run on a 3-category dataset with the official vocabulary."""
+    pytest.importorskip("tensorflow", reason="needs the 'official' extra (uv sync --extra official)")
+    from test_official_weights import official_variables, random_values, write_checkpoint
+
+    write_checkpoint(tmp_path / "tf" / "ckpt-7", random_values(official_variables("resnet")))
+    gcs.objects = {f"{FOLDER}/checkpoint": b'model_checkpoint_path: "ckpt-7"\n'}
+    for p in (tmp_path / "tf").glob("ckpt-7.*"):
+        gcs.objects[f"{FOLDER}/{p.name}"] = p.read_bytes()
+    monkeypatch.setenv(official.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(official.BASE_URL_ENV, gcs.url)
+    stored = load_checkpoint(official.resolve("official:resnet_640", progress=False))
+    assert stored["vocab"]["layout"] == "official" and len(stored["categories"]) == 80
+
+    cats = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 200, "name": "mine"}]
+    tree = stored["config"]
+    tree["model"]["init_from"] = "official:resnet_640"
+    cfg = config_from_dict(tree)
+    vocab = Vocab.for_categories(cats, cfg.tokenizer.bins, cfg.tokenizer.vocab_size, "official")
+    model, _ = build_model(cfg, vocab)
+    load_initial_weights(model, cfg, vocab, cats)
+    rows = [101, 103, 300]  # person and car keep COCO's trained rows; id 200 takes token 300's
+    assert torch.equal(
+        model.state_dict()["token_embed.weight"][rows], stored["model"]["token_embed.weight"][rows]
+    )
