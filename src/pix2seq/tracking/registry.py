@@ -205,11 +205,12 @@ def local_model(path: Path, spec: str) -> ResolvedModel:
 
 
 def _official(spec: str) -> ResolvedModel:
+    from pix2seq.weights.official import resolve
+
     try:
-        from pix2seq.weights.official import resolve
-    except ImportError:
-        raise ModelNotFound(f"model {spec}: official checkpoints are not available in this version") from None
-    path = Path(resolve(spec))
+        path = Path(resolve(spec))
+    except Pix2SeqError as e:  # an unknown name, a failed download or conversion
+        raise ModelNotFound(f"model {spec}: {e}") from None
     return ResolvedModel(spec, checkpoint=path, source=f"{spec} -> {path}")
 
 

@@ -37,26 +37,23 @@ def _table() -> str:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from pix2seq.cli import CliError
-    from pix2seq.data.download import DownloadError
+    """Errors (unknown names, downloads, conversion) are Pix2SeqErrors: one line, exit status 2."""
     from pix2seq.weights import official
 
     if args.list:
         print(_table())
         return 0
     if not args.names:
-        raise CliError(f"name a model to download; known: {', '.join(official.MODELS)} (or --list)")
-    try:
-        models = [official.lookup(n) for n in args.names]
-        for m in models:
-            if args.no_convert:
-                path = official.download(m.name, cache_dir=args.cache_dir, url=args.base_url)
-                print(f"{m.name}: TF checkpoint {path}")
-            else:
-                path = official.resolve(m.name, cache_dir=args.cache_dir, url=args.base_url)
-                print(f"{m.name}: {path}  (use it as --model official:{m.name})")
-    except (official.OfficialWeightsError, DownloadError) as e:
-        raise CliError(str(e)) from None
+        raise official.OfficialWeightsError(
+            f"name a model to download; known: {', '.join(official.MODELS)} (or --list)"
+        )
+    for m in [official.lookup(n) for n in args.names]:
+        if args.no_convert:
+            path = official.download(m.name, cache_dir=args.cache_dir, url=args.base_url)
+            print(f"{m.name}: TF checkpoint {path}")
+        else:
+            path = official.resolve(m.name, cache_dir=args.cache_dir, url=args.base_url)
+            print(f"{m.name}: {path}  (use it as --model official:{m.name})")
     return 0
 
 

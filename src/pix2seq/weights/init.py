@@ -21,9 +21,9 @@ from torch import nn
 
 from pix2seq.checkpoint import CheckpointError, load_checkpoint
 from pix2seq.config import Config, ConfigError
-from pix2seq.data.download import DownloadError
+from pix2seq.errors import Pix2SeqError
 from pix2seq.vocab import Vocab
-from pix2seq.weights.official import OfficialWeightsError, local_model_file
+from pix2seq.weights.official import local_model_file
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def load_initial_weights(model: nn.Module, cfg: Config, vocab: Vocab, categories
     spec = cfg.model.init_from
     try:
         path = local_model_file(spec)
-    except (OfficialWeightsError, DownloadError) as e:
+    except Pix2SeqError as e:  # unknown name, download or conversion failure
         raise InitFromError(f"model.init_from: {spec}: {e}") from None
     where = f"model.init_from: {spec}" + (f" ({path})" if str(path) != spec else "")
     if not Path(path).is_file():

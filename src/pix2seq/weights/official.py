@@ -41,6 +41,7 @@ import requests
 
 from pix2seq.config import atomic_write_text
 from pix2seq.data.download import ArchiveSpec, DownloadError, download_file, md5_hex_from_base64
+from pix2seq.errors import Pix2SeqError
 
 PREFIX = "official:"
 BUCKET = "pix2seq"
@@ -56,7 +57,7 @@ Arch = Literal["resnet", "resnet-c"]
 Converter = Callable[[Path, Arch, int, Path], Path]
 
 
-class OfficialWeightsError(ValueError):
+class OfficialWeightsError(Pix2SeqError, ValueError):
     """An unknown official model name, or a checkpoint folder that does not hold a checkpoint."""
 
 
@@ -264,18 +265,11 @@ def converted_model(name: str, cache_dir: str | os.PathLike[str] | None = None) 
 
 
 def _default_converter() -> Converter:
-    try:
-        from pix2seq.weights.convert import ConversionError, convert_checkpoint
-    except ImportError as e:  # the downloaded files stay cached for a later conversion
-        raise OfficialWeightsError(f"cannot convert official checkpoints in this environment: {e}") from None
+    # imported when needed: converting reads TensorFlow checkpoints (the `official` extra; without
+    # it ConversionError says so in one line, and the verified download stays cached)
+    from pix2seq.weights.convert import convert_checkpoint
 
-    def convert_official(prefix: Path, arch: Arch, image_size: int, out: Path) -> Path:
-        try:
-            return convert_checkpoint(prefix, arch, image_size, out)
-        except ConversionError as e:  # reported like every other official-weights failure
-            raise OfficialWeightsError(str(e)) from None
-
-    return convert_official
+    return convert_checkpoint
 
 
 def convert(model: OfficialModel, prefix: Path, out: Path, converter: Converter | None = None) -> Path:
