@@ -231,6 +231,25 @@ def test_missing_split_directory(tmp_path):
         _prepare(root, tmp_path)
 
 
+def test_val_only_download_prepares_the_validation_split_alone(tmp_path):
+    """data.download.subset: val fetches val2017 alone (evaluation only): prepare makes its manifest;
+    with subset all the missing training split is an error."""
+    from pix2seq.config import config_from_dict
+    from pix2seq.data.prepare import run_prepare
+
+    root = tmp_path / "coco"
+    _write_split(
+        root, "val2017", [_im(1)], [_ann(201, 1, [0, 0, 40, 30], cat=7)], CATS, {"000001.jpg": _jpeg(30, 40)}
+    )
+    data = {"source": "coco", "root": str(root), "prepared_dir": str(tmp_path / "prep")}
+    cfg = config_from_dict({"data": {**data, "download": {"subset": "val"}}})
+    report = run_prepare(cfg, tmp_path / "prepare.json", progress=False)
+    assert sorted(p.name for p in (tmp_path / "prep").glob("*2017.json")) == ["val2017.json"]
+    assert report["val2017"]["boxes_kept"] == 1 and "train2017" not in report
+    with pytest.raises(PrepareError, match="instances_train2017.json: annotation file not found"):
+        run_prepare(config_from_dict({"data": data}), tmp_path / "prepare.json", progress=False)
+
+
 def test_prepare_command_on_generated_data(tiny_generated, tmp_path, monkeypatch, capsys):
     """`pix2seq prepare` reads params.yaml in the working directory and writes the report."""
     from pix2seq.cli import main

@@ -491,8 +491,8 @@ def prepare_split(
     img_dir = root / split
     if not img_dir.is_dir():
         raise PrepareError(
-            f"{img_dir}: images directory missing for split {split!r} (with data.download.subset 'val', "
-            "use data.train_split: val2017)"
+            f"{img_dir}: images directory missing for split {split!r} (data.download.subset 'val' "
+            "fetches val2017 only, for evaluation: then only the validation split is prepared)"
         )
     issue = _Issues(ann_path)
     images = _read_images(coco, ann_path, issue)
@@ -666,11 +666,14 @@ def _prepare(
 def run_prepare(
     cfg: Config, report_path: str | os.PathLike[str] = "reports/prepare.json", progress: bool = True
 ) -> dict:
-    """The stage: ``data.root`` -> ``data.prepared_dir`` manifests for the train and val splits."""
+    """The stage: ``data.root`` -> ``data.prepared_dir`` manifests for the train and val splits, or
+    the val split alone when COCO was downloaded with ``data.download.subset: val`` (evaluation only,
+    e.g. configs/official-r50-640.yaml: there is no training split to prepare)."""
     d = cfg.data
+    val_only = d.source == "coco" and d.download.subset == "val"
     return prepare_dataset(
         d.root,
-        [d.train_split, d.val_split],
+        [d.val_split] if val_only else [d.train_split, d.val_split],
         d.prepared_dir,
         report_path,
         d.prepare,
