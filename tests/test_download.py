@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import serving
 
+from pix2seq import fetch
 from pix2seq.config import DownloadConfig, config_from_dict
 from pix2seq.data import download as dl
 from pix2seq.data.download import (
@@ -292,7 +293,7 @@ def test_full_disk_before_and_during_download(server, tmp_path, monkeypatch):
     def full(self, chunks, bar):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(dl._PartFile, "append", full)
+    monkeypatch.setattr(fetch._PartFile, "append", full)
     with pytest.raises(DownloadError, match=r"disk full \(ENOSPC\) while writing .*\.part"):
         _run(server, tmp_path / "coco", manifest, subset="val")
 

@@ -19,7 +19,7 @@ from conftest import serving
 
 from pix2seq.checkpoint import load_checkpoint, save_checkpoint
 from pix2seq.config import config_from_dict
-from pix2seq.data.download import DownloadError
+from pix2seq.fetch import DownloadError
 from pix2seq.model import build_model  # torchvision before TensorFlow (the other order aborts)
 from pix2seq.vocab import Vocab
 from pix2seq.weights import official

@@ -6,7 +6,7 @@ Source: the public Cloud Storage bucket ``pix2seq`` over plain HTTPS (no Google 
 The JSON API lists a checkpoint folder with each object's size and MD5
 (``GET <base>/storage/v1/b/pix2seq/o?prefix=<folder>/``); the checkpoint the folder's ``checkpoint``
 pointer names (else the highest step) is downloaded object by object from ``<base>/pix2seq/<object>``
-by :func:`pix2seq.data.download.download_file`: resumable (HTTP ``Range``, ``.part`` files) and
+by :func:`pix2seq.fetch.download_file`: resumable (HTTP ``Range``, ``.part`` files) and
 checked against the listed MD5 and the one the server declares (``x-goog-hash``). It is then
 converted by :func:`pix2seq.weights.convert.convert_checkpoint` into a model file that predict,
 evaluate and training read. ``<base>`` is ``https://storage.googleapis.com`` unless
@@ -40,8 +40,8 @@ from typing import Literal
 import requests
 
 from pix2seq.config import atomic_write_text
-from pix2seq.data.download import ArchiveSpec, DownloadError, download_file, md5_hex_from_base64
 from pix2seq.errors import Pix2SeqError
+from pix2seq.fetch import ArchiveSpec, DownloadError, download_file, md5_hex_from_base64
 
 PREFIX = "official:"
 BUCKET = "pix2seq"
