@@ -142,9 +142,9 @@ def val_sets(tiny_generated, tiny_prepared, tmp_path_factory):
     coco["images"].append({"file_name": coco["images"][0]["file_name"], "width": 64, "height": 64})
     (dirty_root / "annotations" / "instances_val2017.json").write_text(json.dumps(coco))
     dirty = base / "prepared"
-    report = prepare_dataset(
+    report = prepare_dataset(  # min_box_size 1: the entry under a pixel goes too (default 0 keeps it)
         dirty_root, ["train2017", "val2017"], dirty, base / "report.json",
-        PrepareConfig(max_bad_fraction=0.2), progress=False,
+        PrepareConfig(max_bad_fraction=0.2, min_box_size=1.0), progress=False,
     )  # fmt: skip
     assert report["val2017"]["boxes_dropped"] == 9 and report["val2017"]["images_bad"] == 1
     return root, clean, dirty
