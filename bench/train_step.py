@@ -140,10 +140,10 @@ def config_summary(cfg, vocab) -> dict:
 
 
 def amp_dtype(name: str):
-    """bf16 | auto -> the engine's autocast dtype (bf16); off | fp32 -> None."""
+    """bf16 | auto -> bf16 autocast; off | fp32 -> None (float32)."""
     import torch
 
-    from pix2seq.engine import autocast_dtype
+    from pix2seq.precision import autocast_dtype
 
     return autocast_dtype("off" if name in ("off", "fp32") else "bf16", torch.device("cpu"))
 

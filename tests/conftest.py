@@ -8,6 +8,9 @@ import threading
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# train.amp auto on a CPU: tests keep float32 (as before) and never measure or write the user's
+# precision cache; tests/test_precision.py exercises the measurement with its own cache file
+os.environ.setdefault("PIX2SEQ_CPU_AMP", "fp32")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

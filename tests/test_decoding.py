@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pix2seq.config import Config, ModelConfig
-from pix2seq.decoding import GenerationOutput, generate
+from pix2seq.decoding import GenerationOutput, generate, nucleus_mask
 from pix2seq.model import build_model
 from pix2seq.vocab import NOISE, Vocab
 
@@ -258,6 +258,101 @@ def test_nucleus_is_reproducible_and_seeded(model_vocab, imgs):
     _assert_same(run(5, top_p=1e-9), generate(model, imgs, vocab, N))
 
 
+def _official_kept(logits: torch.Tensor, top_p: float) -> set[int]:
+    """The official ``top_logits`` rule for one row, token by token: rank by logit, keep a rank
+    while the cumulative probability up to it is <= top_p, always the first; then every token whose
+    logit is at least the smallest kept one (the official code cuts by value)."""
+    values = logits.tolist()
+    if top_p >= 1.0:
+        return set(range(len(values)))
+    order = sorted(range(len(values)), key=lambda j: -values[j])
+    cum = torch.tensor([values[j] for j in order]).softmax(0).cumsum(0).tolist()
+    kept = [values[order[0]]] + [values[order[i]] for i in range(len(order)) if cum[i] <= top_p]
+    return {j for j, v in enumerate(values) if v >= min(kept)}
+
+
+def _kept(logits: torch.Tensor, top_p: float) -> set[int]:
+    return set(nucleus_mask(logits.unsqueeze(0), top_p)[0].nonzero().flatten().tolist())
+
+
+def test_nucleus_keeps_the_official_set():
+    """Crafted distributions: a dominant token, p reached exactly, ties, p = 1, masked tokens."""
+    log = torch.log
+    # a dominant token (0.9 > p): only it
+    dominant = log(torch.tensor([0.05, 0.9, 0.03, 0.02]))
+    assert _kept(dominant, 0.4) == {1}
+    # 0.35 <= 0.4 < 0.65: the top token alone (the old rule also kept the second one)
+    common = log(torch.tensor([0.2, 0.35, 0.15, 0.3]))
+    assert _kept(common, 0.4) == {1}
+    assert _kept(common, 0.7) == {1, 3}
+    # p equal to a cumulative probability: that rank is kept, the next is not
+    row = log(torch.tensor([0.1, 0.4, 0.3, 0.2]))
+    ranked = row.sort(descending=True).values
+    cum = ranked.softmax(0).cumsum(0)
+    for k in range(3):
+        assert _kept(row, float(cum[k])) == set(row.argsort(descending=True)[: k + 1].tolist())
+    # ties: both top tokens even when one of them alone exceeds p; a tie at the cut stays whole
+    assert _kept(torch.tensor([1.0, 1.0, 0.0]), 0.3) == {0, 1}
+    tied_cut = torch.tensor([3.0, 1.0, 1.0, 1.0, -2.0])
+    assert _kept(tied_cut, 0.9) == {0, 1, 2, 3}
+    # p = 1 keeps every token, even improbable ones; a vanishing p keeps the top one
+    assert _kept(common, 1.0) == {0, 1, 2, 3}
+    assert _kept(common, 1e-9) == {1}
+    # a constrained row (-inf entries; probabilities 0.41, 0.31, 0.28): masked tokens never count
+    masked = torch.tensor([0.5, float("-inf"), 0.2, float("-inf"), 0.1])
+    assert _kept(masked, 0.99) == {0, 2}
+    g = torch.Generator().manual_seed(0)
+    rows = [dominant, common, row, tied_cut, masked, torch.randn(50, generator=g) * 3]
+    for logits in rows:
+        for p in (1e-9, 0.1, 0.4, 0.5, 0.75, 0.9, 0.999, 1.0):
+            assert _kept(logits, p) == _official_kept(logits, p), (logits, p)
+    # batched rows give the same sets as single rows
+    batch = torch.randn(8, 30, generator=g) * 2
+    mask = nucleus_mask(batch, 0.6)
+    assert [set(m.nonzero().flatten().tolist()) for m in mask] == [_official_kept(r, 0.6) for r in batch]
+
+
+def test_nucleus_samples_only_kept_tokens():
+    from pix2seq.decoding import _nucleus
+
+    logits = torch.log(torch.tensor([[0.3, 0.25, 0.2, 0.15, 0.1]])).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    picked = _nucleus(logits, 0.6, 1.0, g)
+    counts = torch.bincount(picked, minlength=5)
+    # cumulative 0.3, 0.55, 0.75: the first two only, at their renormalised odds 0.3 : 0.25
+    assert counts[2:].sum() == 0 and counts[0] > 0 and counts[1] > 0
+    assert abs(counts[0].item() / 4000 - 0.3 / 0.55) < 0.03
+    # temperature divides the logits before the rule: at T=2 the distribution flattens
+    # (cumulative 0.25, 0.48, 0.68), so p = 0.7 keeps 3 tokens where T=1 keeps 2
+    assert set(_nucleus(logits, 0.7, 1.0, g).tolist()) == {0, 1}
+    assert set(_nucleus(logits, 0.7, 2.0, g).tolist()) == {0, 1, 2}
+
+
+def test_class_scores_are_the_full_softmax_restricted_to_classes(model_vocab, imgs):
+    """class_probs = softmax over the whole vocabulary of the raw logits, at the class tokens (the
+    official score), whether or not generation was constrained."""
+    model, vocab = model_vocab
+    for constrained in (True, False):
+        out = generate(model, imgs, vocab, N, constrained=constrained)
+        with torch.no_grad():
+            prefix = torch.cat([torch.ones_like(out.tokens[:, :1]), out.tokens[:, :-1]], 1)
+            raw = model(imgs, prefix).float()
+        ids = list(vocab.class_token_ids)
+        expected = raw[:, 4::5].softmax(-1)[..., ids]
+        torch.testing.assert_close(out.class_probs, expected, atol=1e-5, rtol=1e-4)
+        assert (out.class_probs.sum(-1) < 1 - 1e-3).any()  # not renormalised over the classes
+
+
+def test_unconstrained_masks_nothing(model_vocab, imgs):
+    """constrained=False (the official decoding): every greedy token is the raw logits' argmax."""
+    model, vocab = model_vocab
+    out = generate(model, imgs, vocab, N, constrained=False)
+    with torch.no_grad():
+        prefix = torch.cat([torch.ones_like(out.tokens[:, :1]), out.tokens[:, :-1]], 1)
+        raw = model(imgs, prefix).float()
+    assert torch.equal(out.tokens, raw.argmax(-1))
+
+
 def test_memory_argument_and_training_mode_restored(model_vocab, imgs):
     model, vocab = model_vocab
     ref = generate(model, imgs, vocab, N)
@@ -293,6 +388,85 @@ def test_sdpa_and_math_generate_agree(imgs, box_attention):
     _assert_same(a, b)
     beam_math = generate(m_math, imgs, vocab, N, method="beam", beam_size=3)
     _assert_same(beam_math, generate(m_sdpa, imgs, vocab, N, method="beam", beam_size=3))
+
+
+# ------------------------------------------------------------------------ the compiled step
+
+
+@pytest.mark.parametrize("box_attention", [False, True])
+@pytest.mark.parametrize("cache", ["full", "self"])
+@pytest.mark.parametrize("method", ["greedy", "nucleus", "beam"])
+def test_static_step_equals_eager(model_vocab, imgs, method, cache, box_attention):
+    """The static-shape step (what a CUDA graph or torch.compile runs) decodes what the eager one does."""
+    model, vocab = _make(box_attention=True) if box_attention else model_vocab
+    kw = dict(method=method, beam_size=3, cache=cache, coord_window=0.2, top_p=0.9)
+    eager = generate(model, imgs, vocab, N, step="eager", generator=torch.Generator().manual_seed(1), **kw)
+    static = generate(model, imgs, vocab, N, step="static", generator=torch.Generator().manual_seed(1), **kw)
+    _varied(eager.tokens, vocab)
+    _assert_same(eager, static)
+
+
+def test_static_step_is_built_once_per_shape_and_sees_weight_updates(imgs):
+    from pix2seq.model.compiled_step import compiled_step
+
+    model, vocab = _make(box_attention=True)
+    first = generate(model, imgs, vocab, N, step="static")
+    assert first.compile_s > 0
+    again = generate(model, imgs, vocab, N, step="static")
+    assert again.compile_s == 0.0  # reused: only the memory was reloaded
+    _assert_same(first, again)
+    with torch.inference_mode():  # as generate() runs it
+        mem = model.encode(imgs)
+        unit = compiled_step(model, mem, 5 * N, "full", 1, "static")
+        assert compiled_step(model, mem, 5 * N, "full", 1, "static") is unit
+        assert compiled_step(model, mem[:2], 5 * N, "full", 1, "static") is not unit  # another shape
+    with torch.no_grad():
+        for p in model.decoder.parameters():  # trained further, in place
+            p.mul_(1.1)
+    _assert_same(
+        generate(model, imgs, vocab, N, step="eager"), generate(model, imgs, vocab, N, step="static")
+    )
+    with pytest.raises(ValueError, match="eval.step"):
+        generate(model, imgs, vocab, N, step="graph")  # CUDA graphs need CUDA
+
+
+def test_compiled_step_equals_eager():
+    """torch.compile (inductor) of the static step: same tokens as the eager step; built once."""
+    model, vocab = _make(box_attention=True)
+    imgs = torch.randint(
+        0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
+    )
+    eager = generate(model, imgs, vocab, N, step="eager")
+    compiled = generate(model, imgs, vocab, N, step="compile")
+    assert compiled.compile_s > 0
+    _varied(eager.tokens, vocab)
+    _assert_same(eager, compiled)
+    again = generate(model, imgs.flip(0), vocab, N, step="compile")
+    assert again.compile_s == 0.0
+    _assert_same(generate(model, imgs.flip(0), vocab, N, step="eager"), again)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("method", ["greedy", "nucleus", "beam"])
+def test_cuda_graph_step_equals_eager(method):
+    model, vocab = _make(box_attention=True)
+    model.cuda()
+    gen = torch.Generator(device="cuda")
+    imgs = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8, device="cuda")
+    kw = dict(method=method, beam_size=3, top_p=0.9, coord_window=0.2)
+    eager = generate(model, imgs, vocab, N, step="eager", generator=gen.manual_seed(1), **kw)
+    graph = generate(model, imgs, vocab, N, step="graph", generator=gen.manual_seed(1), **kw)
+    assert graph.compile_s > 0
+    _varied(eager.tokens.cpu(), vocab)
+    _assert_same(eager, graph)
+    again = generate(model, imgs, vocab, N, step="graph", generator=gen.manual_seed(1), **kw)
+    assert again.compile_s == 0.0
+    _assert_same(graph, again)
+    # bf16: the graph replays exactly what the static step runs op by op
+    amp = dict(autocast_dtype=torch.bfloat16, **kw)
+    static = generate(model, imgs, vocab, N, step="static", generator=gen.manual_seed(1), **amp)
+    graph = generate(model, imgs, vocab, N, step="graph", generator=gen.manual_seed(1), **amp)
+    assert torch.equal(static.tokens, graph.tokens)
 
 
 def test_generate_reproduces_an_overfit_sequence():

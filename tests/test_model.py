@@ -243,7 +243,11 @@ def test_decode_step_matches_full_decode(cross, impl, switches):
         cache = m.init_cache(mem, 12, cross=cross)
         assert cache.eps == m.cfg.ln_eps
         steps = torch.stack([m.decode_step(tok[:, t], cache) for t in range(12)], 1)
+        static = m.init_cache(mem, 12, cross=cross, static=True)
+        pos = torch.zeros(1, dtype=torch.long)
+        fixed = torch.stack([m.decode_step_static(tok[:, t], pos.fill_(t), static) for t in range(12)], 1)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fixed, full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
         m.decode_step(tok[:, 0], cache)  # past the end of the cache
 

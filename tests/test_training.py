@@ -221,6 +221,9 @@ def test_mlflow_run_reads_back(single_process_run):
         "6",
     ]  # the grid at every evaluation
     assert "git.commit" in run.data.tags
+    # the precision choice is logged with the run (conftest forces float32 on CPUs)
+    assert run.data.tags["precision.dtype"] == "fp32"
+    assert "PIX2SEQ_CPU_AMP" in run.data.tags["precision.reason"]
     assert {d.dataset.digest for d in run.inputs.dataset_inputs}
     arts = {a.path for a in client.list_artifacts(result.run_id)}
     assert "config.yaml" in arts and "checkpoints" in arts and "train_summary.json" in arts

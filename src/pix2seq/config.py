@@ -287,7 +287,7 @@ class TrainConfig(Section):
 
 @dataclass(repr=False, eq=False)
 class EvalConfig(Section):
-    batch_size: int = 16
+    batch_size: int = 0  # 0: chosen for the device (engine.eval_batch_size)
     decoding: Literal["greedy", "nucleus", "beam"] = "greedy"
     top_p: float = 0.4
     temperature: float = 1.0
@@ -296,6 +296,9 @@ class EvalConfig(Section):
     # coordinate readout: 0 = the generated token's bin (the paper); w > 0 = the expected bin within
     # w * (bins - 1) of it (not in the paper; see pix2seq.decoding)
     coord_window: float = 0.0
+    # the decode step: auto (CUDA graph on CUDA, eager elsewhere), eager (off), graph, compile, static;
+    # every one decodes the same tokens, so it only changes how the stage runs
+    step: Literal["auto", "eager", "graph", "compile", "static"] = field(default="auto", metadata=RUNTIME)
     backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
     num_vis: int = 16  # images in the prediction grid
     output_dir: str = "reports/eval"
@@ -754,7 +757,7 @@ def validate(cfg: Config) -> None:
     )
     _check(tr.eval_every_minutes >= 0, "train.eval_every_minutes", "must be >= 0 (0: off)")
 
-    _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check(e.batch_size >= 0, "eval.batch_size", "must be >= 0 (0: chosen for the device)")
     _check(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
     _check(e.temperature > 0, "eval.temperature", "must be positive")
     _check(e.beam_size >= 1, "eval.beam_size", "must be >= 1")

@@ -5,17 +5,26 @@
     out = generate(model, images, vocab, num_objects, method="greedy"|"nucleus"|"beam",
                    top_p=0.4, temperature=1.0, beam_size=4, constrained=True,
                    cache="full"|"self"|"none", generator=None, autocast_dtype=None,
-                   coord_window=0.0)
+                   coord_window=0.0, step="auto"|"eager"|"graph"|"compile")
     out.tokens       # (B, 5 * num_objects) long, the prompt excluded
     out.class_probs  # (B, num_objects, C) float32: P(class) at every class position
     out.coords       # (B, num_objects, 4) float32: ymin, xmin, ymax, xmax in bins (0 .. bins - 1)
+    out.compile_s    # seconds this call spent capturing / compiling the step (0.0: reused or eager)
 
 Generated position ``i`` (0-based, after the prompt) is a class position when ``i % 5 == 4``, a
 coordinate position otherwise. ``constrained=True`` masks the logits to
-``vocab.allowed_mask("coord" | "class")`` (class positions admit the real classes and NOISE).
-``class_probs`` is the softmax of the (constrained or full-vocabulary) logits at temperature 1,
-restricted to the class tokens (``vocab.class_token_ids``, label order): it excludes NOISE, so it
-sums to at most 1.
+``vocab.allowed_mask("coord" | "class")`` (class positions admit the real classes and NOISE);
+``constrained=False`` masks nothing, as the official code generates.
+
+Class scores, as the official post-processing computes them: ``class_probs`` is the softmax of the
+model's raw logits over the whole vocabulary (temperature 1, no constraint mask) at the class
+position, restricted to ``vocab.class_token_ids`` (label order): it excludes NOISE and every other
+token, so it sums to at most 1. The constraint changes which token is generated, never the scores.
+
+Nucleus sampling is the official ``top_logits`` rule (:func:`nucleus_mask`): after dividing by the
+temperature, keep the tokens whose cumulative probability, ranked by logit, is <= ``top_p``, plus
+the top one; ``top_p >= 1`` keeps everything. Tokens are kept by value, so a token tied with the
+smallest kept logit is kept too. Then sample from the kept tokens' renormalised probabilities.
 
 Coordinate readout (``coord_window``, not in the paper): 0 reads each coordinate as its generated
 token's bin (the paper). ``w > 0`` reads the expected bin under the coordinate position's
@@ -33,6 +42,11 @@ Caching (spec section 5):
   keys/values every step (Pretrained-Pix2Seq's design);
 - ``"full"``: also project the memory's cross-attention keys/values once per image (ours).
 
+The step of the two cached designs runs as ``step`` says (:mod:`pix2seq.model.compiled_step`):
+``"eager"`` calls ``model.decode_step``; ``"graph"`` replays a CUDA graph of the static-shape step;
+``"compile"`` runs it through ``torch.compile``; ``"auto"``: graph on CUDA, eager elsewhere. All of
+them compute the same function (tokens identical, probabilities equal to float32 rounding).
+
 Decoding always runs the model in eval mode (the mode is restored afterwards) under
 :func:`torch.inference_mode`; the loop never synchronises with the device (no ``.item()``).
 """
@@ -45,6 +59,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pix2seq.model.compiled_step import compiled_step, resolve_step_mode
 from pix2seq.vocab import Vocab
 
 METHODS = ("greedy", "nucleus", "beam")
@@ -56,6 +71,7 @@ class GenerationOutput:
     tokens: Tensor  # (B, 5 * num_objects) long
     class_probs: Tensor  # (B, num_objects, C) float32
     coords: Tensor  # (B, num_objects, 4) float32, in bins
+    compile_s: float = 0.0  # building the compiled step in this call (0.0: reused, or eager)
 
 
 def generate(
@@ -73,6 +89,7 @@ def generate(
     autocast_dtype: torch.dtype | None = None,
     memory: Tensor | None = None,
     coord_window: float = 0.0,
+    step: str = "auto",
 ) -> GenerationOutput:
     """Decode ``5 * num_objects`` tokens after the prompt for every image.
 
@@ -81,7 +98,7 @@ def generate(
     nucleus sampling (it must live on the images' device). ``autocast_dtype`` (e.g.
     ``torch.bfloat16``) runs the model under autocast; selection and probabilities are float32.
     ``coord_window``: the coordinate readout's window, a fraction of the coordinate range (module
-    docstring; 0 = the token's bin).
+    docstring; 0 = the token's bin). ``step``: how the cached designs run a step (module docstring).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -103,10 +120,11 @@ def generate(
     if length > model.max_seq_len:
         raise ValueError(f"{num_objects} objects need {length} positions; the model has {model.max_seq_len}")
 
+    device = memory.device if memory is not None else images.device
+    step = resolve_step_mode(step, device) if cache != "none" else "eager"
     was_training = model.training
     model.eval()
     try:
-        device = memory.device if memory is not None else images.device
         amp = (
             torch.autocast(device_type=device.type, dtype=autocast_dtype)
             if autocast_dtype is not None
@@ -119,32 +137,26 @@ def generate(
             num_classes = vocab.num_classes
             biases = _position_biases(vocab, device) if constrained else None
             readout = _CoordReadout(vocab, round(coord_window * (vocab.bins - 1)), device)
+            compile_s = 0.0
             if length == 0:
                 tokens = torch.zeros(b, 0, dtype=torch.long, device=device)
                 class_probs = torch.zeros(b, 0, num_classes, device=device)
                 coords = None
-            elif method == "beam":
-                tokens, class_probs, coords = _beam(
-                    model, memory, vocab, length, beam_size, cache, biases, readout
-                )
             else:
-                tokens, class_probs, coords = _sequential(
-                    model,
-                    memory,
-                    vocab,
-                    length,
-                    method,
-                    top_p,
-                    temperature,
-                    cache,
-                    biases,
-                    generator,
-                    readout,
-                )
+                stepper = _Stepper(model, memory, length, cache, step, beam_size if method == "beam" else 1)
+                compile_s = stepper.compile_s
+                if method == "beam":
+                    tokens, class_probs, coords = _beam(
+                        stepper, memory, vocab, length, beam_size, biases, readout
+                    )
+                else:
+                    tokens, class_probs, coords = _sequential(
+                        stepper, memory, vocab, length, method, top_p, temperature, biases, generator, readout
+                    )
             if coords is None:
                 coords = readout.from_tokens(tokens)
         # ordinary tensors (not inference tensors): callers may modify them in place
-        return GenerationOutput(tokens.clone(), class_probs.clone(), coords.clone())
+        return GenerationOutput(tokens.clone(), class_probs.clone(), coords.clone(), compile_s)
     finally:
         model.train(was_training)
 
@@ -162,27 +174,34 @@ def _position_biases(vocab: Vocab, device: torch.device) -> tuple[Tensor, Tensor
 
 
 class _Stepper:
-    """Next-token logits for every row of ``seq`` at step ``t``, under one caching strategy."""
+    """Next-token logits for every row of ``seq`` at step ``t``, under one caching strategy and step mode."""
 
-    def __init__(self, model, memory: Tensor, length: int, cache: str, repeat: int = 1) -> None:
+    def __init__(self, model, memory: Tensor, length: int, cache: str, step: str, repeat: int = 1) -> None:
         self.model = model
-        self.cache = cache
+        self.state = self.unit = None
+        self.compile_s = 0.0
         if cache == "none":
             self.memory = memory.repeat_interleave(repeat, 0) if repeat > 1 else memory
-            self.state = None
-        else:
+        elif step == "eager":
             self.state = model.init_cache(memory, length, cross=cache, repeat=repeat)
+        else:
+            self.unit = compiled_step(model, memory, length, cache, repeat, step)
+            self.compile_s = self.unit.compile_s
 
     def __call__(self, seq: Tensor, t: int) -> Tensor:
         """``seq (R, 1 + length)`` holds the prompt and tokens ``< t``; returns logits ``(R, V)`` float32."""
-        if self.state is None:
-            logits = self.model.decode(seq[:, : t + 1], self.memory, last_only=True)
-        else:
+        if self.unit is not None:
+            logits = self.unit(seq.select(1, t), t)
+        elif self.state is not None:
             logits = self.model.decode_step(seq.select(1, t), self.state)
+        else:
+            logits = self.model.decode(seq[:, : t + 1], self.memory, last_only=True)
         return logits.float()
 
     def reorder(self, index: Tensor) -> None:
-        if self.state is not None:
+        if self.unit is not None:
+            self.unit.reorder(index)
+        elif self.state is not None:
             self.state.reorder(index)
 
 
@@ -218,23 +237,22 @@ def _check_vocab(logits: Tensor, vocab: Vocab) -> None:
         )
 
 
-def _sequential(model, memory, vocab, length, method, top_p, temperature, cache, biases, generator, readout):
+def _sequential(step, memory, vocab, length, method, top_p, temperature, biases, generator, readout):
     """Greedy or nucleus decoding: one token per row per step."""
     b, device = memory.shape[0], memory.device
     class_ids = vocab.class_tokens(device)
     seq = torch.full((b, length + 1), vocab.prompt, dtype=torch.long, device=device)
     class_probs = torch.zeros(b, length // 5, vocab.num_classes, device=device)
     coords = torch.zeros(b, length // 5, 4, device=device) if readout.window else None
-    step = _Stepper(model, memory, length, cache)
     for t in range(length):
         logits = step(seq, t)
         if t == 0:
             _check_vocab(logits, vocab)
         is_class = t % 5 == 4
+        if is_class:  # the raw logits' full softmax (the official score)
+            class_probs[:, t // 5] = logits.softmax(-1).index_select(1, class_ids)
         if biases is not None:
             logits = logits + biases[is_class]
-        if is_class:
-            class_probs[:, t // 5] = logits.softmax(-1).index_select(1, class_ids)
         if method == "greedy":
             nxt = logits.argmax(-1)
         else:
@@ -245,20 +263,32 @@ def _sequential(model, memory, vocab, length, method, top_p, temperature, cache,
     return seq[:, 1:].contiguous(), class_probs, coords
 
 
-def _nucleus(logits: Tensor, top_p: float, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """Sample from the smallest set of tokens whose probability reaches ``top_p`` (at ``temperature``)."""
-    probs = (logits / temperature).softmax(-1) if temperature != 1.0 else logits.softmax(-1)
+def nucleus_mask(logits: Tensor, top_p: float) -> Tensor:
+    """``(R, V)`` logits -> bool ``(R, V)``: the tokens official top-p sampling keeps.
+
+    Ranked by logit, a token is kept when the cumulative probability of the tokens up to and
+    including it is <= ``top_p``; the top token always is; ``top_p >= 1`` keeps all. The cut is a
+    logit value (the smallest kept one), so ties with it are kept as well (official
+    ``architectures/transformers.py`` ``top_logits``).
+    """
     if top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    sorted_p, sorted_idx = probs.sort(-1, descending=True)
-    # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
-    drop = (sorted_p.cumsum(-1) - sorted_p) > top_p
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    choice = torch.multinomial(sorted_p, 1, generator=generator)
-    return sorted_idx.gather(1, choice).squeeze(1)
+        return torch.ones_like(logits, dtype=torch.bool)
+    ranked = logits.sort(-1, descending=True).values
+    cum = ranked.softmax(-1).cumsum(-1)
+    cut = ranked.masked_fill(cum > top_p, float("inf")).amin(-1, keepdim=True)
+    return logits >= torch.minimum(cut, ranked[:, :1])
 
 
-def _beam(model, memory, vocab, length, k, cache, biases, readout):
+def _nucleus(logits: Tensor, top_p: float, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """Sample from the tokens :func:`nucleus_mask` keeps at ``temperature`` (renormalised)."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_p < 1.0:
+        logits = logits.masked_fill(~nucleus_mask(logits, top_p), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def _beam(step, memory, vocab, length, k, biases, readout):
     """Batched beam search over ``B * k`` rows; scores are sums of log-probabilities."""
     b, device = memory.shape[0], memory.device
     class_ids = vocab.class_tokens(device)
@@ -272,12 +302,12 @@ def _beam(model, memory, vocab, length, k, cache, biases, readout):
     scores[:, 0] = 0.0
     scores = scores.view(rows)
     base = (torch.arange(b, device=device) * k).unsqueeze(1)  # (b, 1): first row of every image
-    step = _Stepper(model, memory, length, cache, repeat=k)
     for t in range(length):
         logits = step(seq, t)
         if t == 0:
             _check_vocab(logits, vocab)
         is_class = t % 5 == 4
+        raw = logits
         if biases is not None:
             logits = logits + biases[is_class]
         cand = (scores.unsqueeze(1) + logits.log_softmax(-1)).view(b, k * v)
@@ -287,7 +317,7 @@ def _beam(model, memory, vocab, length, k, cache, biases, readout):
         seq.select(1, t + 1).copy_((idx % v).view(rows))
         class_probs = class_probs.index_select(0, parent)
         if is_class:
-            class_probs[:, t // 5] = logits.softmax(-1).index_select(1, class_ids).index_select(0, parent)
+            class_probs[:, t // 5] = raw.softmax(-1).index_select(1, class_ids).index_select(0, parent)
         if coords is not None:
             coords = coords.index_select(0, parent)
             if not is_class:
@@ -298,4 +328,4 @@ def _beam(model, memory, vocab, length, k, cache, biases, readout):
     return seq[best, 1:].contiguous(), class_probs[best], None if coords is None else coords[best]
 
 
-__all__ = ["CACHES", "METHODS", "GenerationOutput", "generate"]
+__all__ = ["CACHES", "METHODS", "GenerationOutput", "generate", "nucleus_mask"]

@@ -1,8 +1,14 @@
 """Canvases in, detections out: the one place :func:`~pix2seq.decoding.generate` meets
 :func:`~pix2seq.tokenizer.tokens_to_detections`, shared by evaluation (:mod:`pix2seq.engine`) and
-inference on raw images (:mod:`pix2seq.inference`, the served model)."""
+inference on raw images (:mod:`pix2seq.inference`, the served model).
+
+:func:`detect` waits for the result; :func:`decode` returns as soon as the decode is queued, and
+its :meth:`Decoded.detections` finishes the job (evaluation runs that on a second thread while the
+next batch decodes)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +17,69 @@ from pix2seq.config import Config
 from pix2seq.decoding import generate
 from pix2seq.tokenizer import tokens_to_detections
 from pix2seq.vocab import Vocab
+
+
+@dataclass
+class Decoded:
+    """A decoded batch on its way to the host: :meth:`detections` waits for the copies (queued
+    behind the decode, so the caller's thread can launch the next batch) and reads the boxes."""
+
+    tokens: Tensor  # (B, 5M) long, on the CPU once ``ready``
+    class_probs: Tensor  # (B, M, C) float32
+    coords: Tensor  # (B, M, 4) float32, bins
+    ready: torch.cuda.Event | None  # recorded after the copies (CUDA); None: already on the host
+    vocab: Vocab
+    canvas_size: int
+    scale: Tensor
+    orig_size: Tensor
+    compile_s: float  # building the compiled decode step in this call (0.0: reused, or eager)
+
+    def detections(self) -> list[dict[str, Tensor]]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return tokens_to_detections(
+            self.tokens,
+            self.class_probs,
+            self.vocab,
+            self.canvas_size,
+            self.scale,
+            self.orig_size,
+            coords=self.coords,
+        )
+
+
+def decode(
+    model: nn.Module,
+    canvas: Tensor,
+    vocab: Vocab,
+    cfg: Config,
+    scale: Tensor,
+    orig_size: Tensor,
+    autocast_dtype: torch.dtype | None = None,
+) -> Decoded:
+    """Decode ``cfg.tokenizer.max_instances`` objects per image as ``cfg.eval`` says, without
+    waiting for the device: the outputs' copies to the host are queued behind the decode."""
+    ecfg = cfg.eval
+    out = generate(
+        model,
+        canvas,
+        vocab,
+        cfg.tokenizer.max_instances,
+        method=ecfg.decoding,
+        top_p=ecfg.top_p,
+        temperature=ecfg.temperature,
+        beam_size=ecfg.beam_size,
+        constrained=ecfg.constrained,
+        coord_window=ecfg.coord_window,
+        autocast_dtype=autocast_dtype,
+        step=ecfg.step,
+    )
+    host = [t.to("cpu", non_blocking=True) for t in (out.tokens, out.class_probs.float(), out.coords)]
+    ready = None
+    if canvas.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    return Decoded(*host, ready, vocab, canvas.shape[-1], scale, orig_size, out.compile_s)
 
 
 def detect(
@@ -32,26 +101,4 @@ def detect(
         B dicts (on the CPU) with ``boxes`` ``(M, 4)`` xyxy in original pixels, ``labels`` ``(M,)``
         (contiguous 0..C-1) and ``scores`` ``(M,)``, ranked by score.
     """
-    ecfg = cfg.eval
-    out = generate(
-        model,
-        canvas,
-        vocab,
-        cfg.tokenizer.max_instances,
-        method=ecfg.decoding,
-        top_p=ecfg.top_p,
-        temperature=ecfg.temperature,
-        beam_size=ecfg.beam_size,
-        constrained=ecfg.constrained,
-        coord_window=ecfg.coord_window,
-        autocast_dtype=autocast_dtype,
-    )
-    return tokens_to_detections(
-        out.tokens.cpu(),
-        out.class_probs.float().cpu(),
-        vocab,
-        canvas.shape[-1],
-        scale,
-        orig_size,
-        coords=out.coords.cpu(),
-    )
+    return decode(model, canvas, vocab, cfg, scale, orig_size, autocast_dtype).detections()

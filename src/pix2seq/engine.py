@@ -11,6 +11,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,10 +21,11 @@ from tqdm import tqdm
 
 from pix2seq import distributed as dist
 from pix2seq.config import Config
-from pix2seq.detect import detect
+from pix2seq.detect import Decoded, decode
 from pix2seq.errors import Pix2SeqError
 from pix2seq.evaluation.coco import CocoResult, coco_evaluate, detections_to_coco
 from pix2seq.optim import WarmupLinearSchedule
+from pix2seq.precision import autocast_dtype
 from pix2seq.vocab import Vocab
 
 if TYPE_CHECKING:
@@ -49,18 +51,6 @@ class TrainState:
     history: dict[str, list] = field(default_factory=dict)
     # saved before every evaluation: a run resumed from such a checkpoint evaluates first
     eval_pending: bool = False
-
-
-def autocast_dtype(amp: str, device: torch.device, decoding: bool = False) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device`` (None: fp32).
-
-    "auto" is bf16 on GPU and fp32 on CPU: on CPUs without AMX, bf16 autocast measured slower here,
-    training 37 vs 50 img/s (128 px demo model) and decoding 2.7x slower per token (bench/).
-    "bf16" forces it everywhere.
-    """
-    if amp == "off" or (amp == "auto" and device.type == "cpu"):
-        return None
-    return torch.bfloat16
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -193,6 +183,21 @@ def train_one_epoch(
     }
 
 
+def eval_batch_size(requested: int, device: torch.device, image_size: int = 640) -> int:
+    """``eval.batch_size``, or for 0 (auto) a size for the device: 16 on a CPU (the per-image
+    decode time stops falling past it: ``make bench``'s batch 1 / 8 / 16 rows), on CUDA as many
+    images as half the device memory holds at an estimated 256 MiB per 640 px image (the encoder's
+    activations dominate; decoding caches are ~6 MiB), a power of two in [8, 256]."""
+    if requested > 0:
+        return requested
+    if device.type != "cuda":
+        return 16
+    total = torch.cuda.get_device_properties(device).total_memory
+    per_image = 256 * 2**20 * (image_size / 640) ** 2
+    fits = int(total / 2 / per_image)
+    return max(8, min(256, 2 ** max(fits.bit_length() - 1, 0)))
+
+
 @torch.inference_mode()
 def predict_batches(
     model: nn.Module,
@@ -205,24 +210,26 @@ def predict_batches(
 ) -> tuple[list[dict], list[int], list[dict]]:
     """Decode every batch of ``loader`` (this rank's shard).
 
+    The loader's workers prefetch the next batches while the model decodes; each batch's
+    post-processing (to host, boxes in original pixels, COCO records) runs on a second thread while
+    the next batch decodes. The progress bar counts images (images/s).
+
     Returns:
         COCO result dicts, the image ids seen, and up to ``keep_images`` samples
         ({image, pred, gt}) for the prediction grid.
     """
     model.eval()
-    amp = autocast_dtype(cfg.train.amp, device, decoding=True)
+    amp = autocast_dtype(cfg.train.amp, device)
     results: list[dict] = []
     seen: list[int] = []
     samples: list[dict] = []
-    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not dist.is_main()):
-        images = batch["image"].to(device, non_blocking=device.type == "cuda")
-        dets = detect(model, images, vocab, cfg, batch["scale"], batch["orig_size"], amp)
+
+    def finish(decoded: Decoded, batch: dict) -> None:
+        dets = decoded.detections()
         ids = [int(i) for i in batch["image_id"]]
         results.extend(detections_to_coco(ids, dets, label_to_category))
         seen.extend(ids)
-        for j in range(len(ids)):
-            if len(samples) >= keep_images:
-                break
+        for j in range(min(len(ids), keep_images - len(samples))):
             s = float(batch["scale"][j])
             samples.append(
                 {
@@ -233,6 +240,24 @@ def predict_batches(
                     "scale": s,
                 }
             )
+
+    sampler = getattr(loader, "sampler", None)
+    total = len(sampler) if sampler is not None and hasattr(sampler, "__len__") else None
+    bar = tqdm(total=total, desc="evaluate", unit="img", leave=False, disable=not dist.is_main())
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pix2seq-postprocess") as post:
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=device.type == "cuda")
+            decoded = decode(model, images, vocab, cfg, batch["scale"], batch["orig_size"], amp)
+            if decoded.compile_s:
+                tqdm.write(f"evaluate: decode step built in {decoded.compile_s:.1f} s (once per batch shape)")
+            if pending is not None:
+                pending.result()
+            pending = post.submit(finish, decoded, batch)
+            bar.update(images.shape[0])
+        if pending is not None:
+            pending.result()
+    bar.close()
     return results, seen, samples
 
 
@@ -248,7 +273,7 @@ def evaluate_model(
 
     Returns metrics (0-100; empty on other ranks), the full CocoResult (rank 0) and visual samples.
     """
-    loader = data.val_loader()
+    loader = data.val_loader(eval_batch_size(cfg.eval.batch_size, device, cfg.data.image_size))
     results, seen, samples = predict_batches(
         model, loader, vocab, cfg, device, data.label_to_category, keep_images=keep_images
     )

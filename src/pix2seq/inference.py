@@ -13,10 +13,11 @@ from torchvision.io import ImageReadMode, decode_image
 from pix2seq.checkpoint import MODEL_ENTRIES, config_from_checkpoint, load_checkpoint
 from pix2seq.data.transforms import canvas_pad_value, eval_transform
 from pix2seq.detect import detect
-from pix2seq.engine import autocast_dtype
+from pix2seq.engine import eval_batch_size
 from pix2seq.errors import Pix2SeqError
 from pix2seq.files import FileReadError, read_regular
 from pix2seq.model import build_model
+from pix2seq.precision import autocast_dtype, use_channels_last
 from pix2seq.vocab import Vocab
 
 
@@ -125,15 +126,22 @@ class Predictor:
         self.model, _ = build_model(_inference_build_config(self.cfg), self.vocab)
         self.model.load_state_dict(ckpt["model"])
         self.model.to(self.device).eval()
+        self.amp = autocast_dtype(self.cfg.train.amp, self.device)
+        if use_channels_last(self.cfg.train.amp, self.device):
+            self.model.to(memory_format=torch.channels_last)  # the encoder's convolutions run faster
         self.canvas = self.cfg.data.image_size
+        self.batch_size = eval_batch_size(self.cfg.eval.batch_size, self.device, self.canvas)
 
     @torch.inference_mode()
     def predict(
-        self, images: list[torch.Tensor], score_threshold: float = 0.0, batch_size: int = 8
+        self, images: list[torch.Tensor], score_threshold: float = 0.0, batch_size: int | None = None
     ) -> list[dict]:
-        """uint8 (3, H, W) images -> per image {boxes (xyxy pixels), scores, labels, category_ids, names}."""
+        """uint8 (3, H, W) images -> per image {boxes (xyxy pixels), scores, labels, category_ids, names}.
+
+        ``batch_size``: images decoded together (default: ``eval.batch_size``, or chosen for the device).
+        """
         out: list[dict] = []
-        amp = autocast_dtype(self.cfg.train.amp, self.device, decoding=True)
+        batch_size = batch_size or self.batch_size
         for i in range(0, len(images), batch_size):
             chunk = images[i : i + batch_size]
             pad = canvas_pad_value(self.cfg.model.pixels)
@@ -141,7 +149,7 @@ class Predictor:
             canvas = torch.stack([p[0] for p in prepped]).to(self.device)
             scale = torch.tensor([p[1] for p in prepped])
             orig = torch.tensor([[img.shape[1], img.shape[2]] for img in chunk])
-            for d in detect(self.model, canvas, self.vocab, self.cfg, scale, orig, amp):
+            for d in detect(self.model, canvas, self.vocab, self.cfg, scale, orig, self.amp):
                 keep = d["scores"] >= score_threshold
                 labels = d["labels"][keep].tolist()
                 out.append(

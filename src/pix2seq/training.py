@@ -36,6 +36,7 @@ from pix2seq.data.loaders import DetectionData, load_detection_data
 from pix2seq.engine import TrainState, evaluate_model, train_one_epoch
 from pix2seq.model import build_model
 from pix2seq.optim import build_optimizer, build_schedule
+from pix2seq.precision import choose as choose_precision
 from pix2seq.tracking import RunTracker, readable_run_name
 from pix2seq.weights.init import load_initial_weights
 
@@ -88,6 +89,9 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
     """Train (resuming from the latest checkpoint when one exists), evaluate, track; see module doc."""
     hooks = hooks or TrainHooks()
     info = dist.init_distributed()
+    if info.is_main:  # measured (or read from the cache) by one process, then read by the others
+        choose_precision(cfg.train.amp, info.device)
+    dist.barrier()
     seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
     data = load_detection_data(cfg, distributed=info.world_size > 1)
     data.check_trainable()  # an empty split fails here, naming its manifest, not after 0 steps
@@ -260,9 +264,13 @@ def make_tracker(run: Run, resumed: bool) -> RunTracker:
 
 
 def start_tracking(run: Run) -> None:
-    """Start the MLflow run with the config (params and file) and the datasets with their digests."""
+    """Start the MLflow run with the config (params and file), the datasets with their digests, and
+    the precision chosen for this device (printed once, tagged ``precision.*``)."""
     run.tracker.start()
     if run.info.is_main:
+        precision = choose_precision(run.cfg.train.amp, run.info.device)
+        print(precision.describe())
+        run.tracker.set_tags(precision.tags())
         save_config(run.cfg, run.out / "config.yaml")
         run.tracker.log_artifact(run.out / "config.yaml")
         run.tracker.log_dataset(run.data.train_manifest, name=run.data.name + "-train", context="training")

@@ -99,10 +99,15 @@ class DetectionData:
         m = load_manifest(self.val_manifest)
         return m.root / str(m.files[0])
 
-    def val_loader(self) -> DataLoader:
-        if self._val is None:
+    def val_loader(self, batch_size: int | None = None) -> DataLoader:
+        """The validation loader (``eval.batch_size`` unless ``batch_size`` is given)."""
+        if self._val is None or (batch_size is not None and self._val.batch_size != batch_size):
             self._val = build_loader(
-                self.cfg, self.cfg.data.val_split, train=False, distributed=self.distributed
+                self.cfg,
+                self.cfg.data.val_split,
+                train=False,
+                distributed=self.distributed,
+                batch_size=batch_size,
             )
         return self._val
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from pix2seq import distributed as dist
@@ -38,6 +39,7 @@ from pix2seq.evaluation.plots import (
     write_pr_curve_csv,
 )
 from pix2seq.model import build_model
+from pix2seq.precision import use_channels_last
 from pix2seq.tracking import RunTracker, readable_run_name
 from pix2seq.vocab import Vocab
 from pix2seq.weights.official import local_model_file
@@ -89,6 +91,8 @@ def run_evaluation(cfg: Config) -> dict[str, float]:
         )
     model, vocab, mcfg, ckpt = load_trained_model(cfg, path)
     model.to(info.device)
+    if use_channels_last(mcfg.train.amp, info.device):
+        model.to(memory_format=torch.channels_last)  # the encoder's convolutions run faster
     data = load_detection_data(mcfg, distributed=info.world_size > 1)
     if data.num_classes != vocab.num_classes:
         raise EvaluationError(

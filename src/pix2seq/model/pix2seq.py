@@ -12,9 +12,10 @@
 
 Incremental decoding (used by :mod:`pix2seq.decoding`)::
 
-    cache = model.init_cache(memory, max_len, cross="full" | "self", repeat=1)
+    cache = model.init_cache(memory, max_len, cross="full" | "self", repeat=1, static=False)
     logits = model.decode_step(tokens, cache)      # tokens (B,) at position cache.pos -> (B, V)
     cache.reorder(index)                            # beam search: rows follow their parent beams
+    logits = model.decode_step_static(tokens, pos, cache, cross_bias)   # static shapes (static=True)
 
 (the cache is a :class:`pix2seq.model.transformer.StepCache`; see there for its layout).
 
@@ -41,6 +42,7 @@ from pix2seq.model.transformer import (
     Encoder,
     StepCache,
     decoder_step,
+    decoder_step_static,
     init_weights,
     maybe_drop_path,
     sincos_1d,
@@ -177,20 +179,33 @@ class Pix2Seq(nn.Module):
         return self.decode(input_tokens, self.encode(images))
 
     # ------------------------------------------------------------------- incremental decoding
-    def init_cache(self, memory: Tensor, max_len: int, cross: str = "full", repeat: int = 1) -> StepCache:
+    def init_cache(
+        self, memory: Tensor, max_len: int, cross: str = "full", repeat: int = 1, static: bool = False
+    ) -> StepCache:
         """A fresh decoding cache for up to ``max_len`` positions of every memory row.
 
         ``cross="full"`` projects the memory's cross-attention keys/values here, once; ``"self"``
         leaves them to be re-projected every step. ``repeat``: every image's rows are repeated
         this many times (beam search), after the projection. Buffers take the dtype the
-        projections produce (the autocast dtype when called under autocast).
+        projections produce (the autocast dtype when called under autocast). ``static``: for
+        :meth:`decode_step_static` (see :class:`StepCache`).
         """
         if cross not in ("full", "self"):
             raise ValueError(f"cross must be 'full' or 'self', got {cross!r}")
         if max_len > self.max_seq_len:
             raise ValueError(f"{max_len} positions exceed max_seq_len {self.max_seq_len}")
         dtype = _projection_dtype(memory, self.token_embed.weight)
-        return StepCache(self.decoder, memory, max_len, dtype, project=cross == "full", repeat=repeat)
+        head = (self.token_embed.weight, self.out_bias)
+        return StepCache(
+            self.decoder,
+            memory,
+            max_len,
+            dtype,
+            project=cross == "full",
+            repeat=repeat,
+            head=head,
+            static=static,
+        )
 
     def decode_step(self, tokens: Tensor, cache: StepCache) -> Tensor:
         """``tokens (B,)`` at position ``cache.pos`` -> next-token logits ``(B, V)``; advances the cache."""
@@ -200,8 +215,17 @@ class Pix2Seq(nn.Module):
             cache.tokens[:, t] = tokens
         bias = None
         if self.cfg.box_attention and t % 5 == 4:
-            bias = self.box_attention_bias(cache.tokens[:, t - 3 : t + 1], cache.memory.shape[1])
-        return self.logits(decoder_step(x, cache, bias))
+            bias = self.box_attention_bias(cache.tokens[:, t - 3 : t + 1], cache.memory_len)
+        return cache.logits(decoder_step(x, cache, bias))
+
+    def decode_step_static(
+        self, tokens: Tensor, pos: Tensor, cache: StepCache, cross_bias: Tensor | None = None
+    ) -> Tensor:
+        """:meth:`decode_step` with static shapes, for a captured or compiled step: ``pos`` is a
+        ``(1,)`` long tensor, ``cross_bias (B, S)`` the box-attention bias (zeros where none; the
+        caller computes it and keeps ``cache.tokens`` and ``cache.pos``)."""
+        x = F.embedding(tokens, self.token_embed.weight) + self.pos_embed.index_select(0, pos)
+        return cache.logits(decoder_step_static(x, pos, cache, cross_bias))
 
     def box_attention_bias(self, boxes: Tensor, memory_len: int) -> Tensor:
         """``(..., 4)`` coordinate tokens ``ymin, xmin, ymax, xmax`` -> ``(..., S)`` cross-attention
