@@ -21,9 +21,14 @@ boundaries. FLOPs per step (forward + backward) are counted once with
 ``torch.cuda.get_device_name()``; ``--peak-tflops`` overrides). Peak memory is
 ``torch.cuda.max_memory_allocated``.
 
-Evaluation: ``generate()`` greedy with the full cache, bf16 autocast, batch 32, 640 px, 100 objects
-(500 tokens), images/s for the whole call (encoder included); then the three caches compared at the
-same batch (bench/decode.py's :func:`bench_batch`, recompute time-capped), outputs' equality recorded.
+Evaluation: ``generate()`` greedy with the full cache, bf16 autocast, the model channels-last,
+batch 32, 640 px, 100 objects (500 tokens), with the step evaluation runs on CUDA (``eval.step:
+auto``: the static step captured as a CUDA graph, built once, its capture time reported): images/s
+for the whole call (encoder included). Then, at batch 1 and 32 (bench/decode.py's
+:func:`bench_batch`): the three caches (recompute time-capped), and the full cache's step as a
+CUDA graph, eager (no graph) and ``torch.compile``d (then captured), decode-only, with the step
+table (ms per step, FLOPs, bytes, against the device's measured GEMM peak and bandwidth) and the
+outputs' equality recorded.
 
 ``--allow-cpu`` runs the same code on the CPU (for the smoke test, with tiny ``--set`` shapes).
 """
@@ -199,7 +204,29 @@ def bench_train_variant(variant: str, cfg, vocab, args, flops: float | None, pea
     return out
 
 
+def decode_shape(cfg, args) -> dict:
+    """The model shape bench/decode.py's step costs are computed from."""
+    m = cfg.model
+    return {
+        "backbone": m.backbone,
+        "stage": m.backbone_stage,
+        "d_model": m.d_model,
+        "encoder_layers": m.encoder_layers,
+        "decoder_layers": m.decoder_layers,
+        "heads": m.heads,
+        "mlp_dim": m.mlp_dim,
+        "num_classes": args.num_classes,
+        "bins": cfg.tokenizer.bins,
+        "num_objects": cfg.tokenizer.max_instances,
+        "generated_tokens": 5 * cfg.tokenizer.max_instances,
+        "image_size": cfg.data.image_size,
+    }
+
+
 def bench_eval(cfg, vocab, args) -> dict:
+    """Evaluation images/s at ``--eval-batch`` (bf16, full cache, the step ``eval.step: auto`` runs
+    here: a CUDA graph), then the step with and without CUDA graphs (and compiled) and the three
+    cache designs, at batch 1 and ``--eval-batch`` (bench/decode.py's :func:`bench_batch`)."""
     import torch
 
     from bench import decode as decode_bench
@@ -211,10 +238,12 @@ def bench_eval(cfg, vocab, args) -> dict:
     model, _ = build_model(cfg, vocab)
     rescale_for_decoding(model, cfg.seed)
     model.to(device).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # what evaluation does with bf16 on CUDA
     b, n = args.eval_batch, cfg.tokenizer.max_instances
     images = synthetic_images(b, cfg.data.image_size, seed=1).to(device)
     amp = torch.bfloat16
-    generate(model, images, vocab, min(2, n), autocast_dtype=amp)  # warm-up
+    first = generate(model, images, vocab, n, autocast_dtype=amp)  # warm-up; builds the step
     times = []
     for _ in range(args.eval_repeats):
         sync(device)
@@ -229,6 +258,8 @@ def bench_eval(cfg, vocab, args) -> dict:
         "tokens": 5 * n,
         "dtype": "bf16 autocast",
         "cache": "full",
+        "step": "auto",
+        "step_compile_s": rnd(first.compile_s, 2),
         **s,
         "images_per_s": rnd(b / s["best_s"], 2),
         "ms_per_token": rnd(s["best_s"] / (5 * n) * 1e3, 3),
@@ -237,14 +268,24 @@ def bench_eval(cfg, vocab, args) -> dict:
         ns = argparse.Namespace(
             num_objects=n,
             device=args.device,
-            repeats=1,
-            repeats_batched=1,
+            repeats=2,
+            repeats_batched=2,
             cap_s=args.cap_s,
             cap_s_batched=args.cap_s,
+            cap_s_self=args.cap_s,
             recompute_decode_only="derive",
             batched_whole="run",
+            step_variants=args.step_variants,
+            step_batches={1, b},
+            shape=decode_shape(cfg, args),
         )
-        out["caches"] = decode_bench.bench_batch(model, vocab, images, ns, amp, fp32=False)
+        per_batch = {
+            str(x): decode_bench.bench_batch(model, vocab, images[:x], ns, amp, fp32=False) for x in (1, b)
+        }
+        out["caches"] = per_batch[str(b)]
+        out["caches_batch1"] = per_batch["1"]
+        out["peaks"] = decode_bench.machine_peaks("bf16", args.device)
+        out["steps"] = decode_bench.step_table(per_batch, out["peaks"], batches=("1", str(b)))
     del model
     return out
 
@@ -332,6 +373,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eval-batch", type=int, default=32, help="0: skip evaluation")
     ap.add_argument("--eval-repeats", type=int, default=3)
     ap.add_argument("--compare-caches", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--step-variants", default="eager,compile", help="the step without CUDA graphs, compiled (decode.py)"
+    )
     ap.add_argument("--cap-s", type=float, default=60.0, help="time cap of the recompute cache's call")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s")
     return ap.parse_args(argv)

@@ -87,7 +87,18 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     steps = []
     if "decode" in only:
-        steps.append({"name": "decode", "module": "decode", "argv": t + (TINY_DECODE if args.tiny else [])})
+        tiny = TINY_DECODE if args.tiny else []
+        steps.append({"name": "decode", "module": "decode", "argv": t + tiny})
+        if args.tiny or _cpu_bf16():  # bf16 where the device supports it
+            steps.append(
+                {
+                    "name": "decode_bf16",
+                    "module": "decode",
+                    "optional": True,
+                    "estimate_from": "decode",
+                    "argv": t + tiny + ["--dtype", "bf16", "--step-variants", ""],
+                }
+            )
     if "train" in only:
         for preset in ("coco", "demo"):
             steps.append(
@@ -119,6 +130,12 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     if "gpu" in only:
         steps.append({"name": "gpu", "module": "gpu", "argv": ["--out", str(args.results_dir)]})
     return steps
+
+
+def _cpu_bf16() -> bool:
+    from pix2seq.precision import cpu_has_bf16
+
+    return cpu_has_bf16()
 
 
 def run_step(step: dict[str, Any], tmp: Path, inprocess: bool) -> tuple[int, dict | None, float]:
@@ -203,6 +220,7 @@ def aggregate(
         "threads": threads,
         "notes": notes,
         "decode": _strip(raw.get("decode")),
+        "decode_bf16": _strip(raw.get("decode_bf16")),
         "train": train,
         "loader": loader,
         "coco_eval": _strip(raw.get("coco_eval")),
@@ -246,6 +264,117 @@ def _secs(x: dict | None) -> str:
     return f"~{_f(x.get('estimate_s'), 1)} (>= {_f(x.get('lower_bound_s'), 1)})"
 
 
+_DESIGNS = {
+    "recompute": "(a) recompute (cache=none)",
+    "selfattn_cache": "(b) self-attn cache (self)",
+    "full_cache": "(c) full cache (ours, full)",
+    "full_cache_pre17": "(c) step before issue 17",
+    "full_cache_eager": "(c) eager step",
+    "full_cache_static": "(c) static step, op by op",
+    "full_cache_compile": "(c) torch.compile step",
+    "full_cache_graph": "(c) CUDA-graph step",
+}
+
+
+def _decode_lines(d: dict[str, Any]) -> list[str]:
+    """The decoding section of one dtype: whole calls per design and batch, then the step table."""
+    sh = d["model"]
+    out = [
+        "",
+        f"DECODING {d['dtype']}  greedy {sh['generated_tokens']} tokens, {sh['backbone']} {sh['stage']}, "
+        f"{sh['encoder_layers']}+{sh['decoder_layers']} layers, d {sh['d_model']}, {sh['image_size']} px, "
+        f"{sh['num_classes']} classes, {sh['bins']} bins (vocab {d['vocab_size']}), {d['parameters_m']} M "
+        "params, random weights; best of repeats, variants interleaved",
+    ]
+    rows = []
+    for b, p in d["batches"].items():
+        for key, label in _DESIGNS.items():
+            v = p["variants"].get(key)
+            if v is None:
+                continue
+            w, dec = v.get("whole"), v.get("decode_only")
+            what = []
+            for x in (w, dec):
+                if (x or {}).get("measured", "full") != "full":
+                    what.append(
+                        f"extrapolated: {x['measured_steps']}/{x['total_steps']} steps in a {x['cap_s']:g}s cap"
+                    )
+                    break
+            if (w or {}).get("source", "").startswith("composed"):
+                what.append("whole = encoder + decode-only")
+            if (dec or {}).get("source", "").startswith("derived"):
+                what.append("decode-only = the call minus its encoder")
+            if "compile_s" in v:
+                what.append(f"built once in {v['compile_s']:.1f}s")
+            rows.append(
+                [
+                    b,
+                    label,
+                    _secs(w),
+                    _rate(w),
+                    _f(v.get("encoder_share"), 2),
+                    _secs(dec),
+                    _rate(dec),
+                    _f((dec or {}).get("ms_per_token"), 2),
+                    "; ".join(what) or "measured",
+                ]
+            )
+    out += _rows(
+        ["batch", "variant", "whole s", "whole img/s", "encoder share", "decode-only s", "decode img/s",
+         "ms/step", "what"],
+        rows,
+    )  # fmt: skip
+    for b, p in d["batches"].items():
+        s = p["speedup"]
+        line = f"  batch {b}: (c) vs (a) whole {_f(s['whole']['vs_recompute'])}x"
+        if "vs_recompute_at_least" in s["whole"]:
+            line += f" (extrapolated; at least {_f(s['whole']['vs_recompute_at_least'])}x measured)"
+        line += (
+            f" | (c) vs (b) whole {_f(s['whole']['vs_selfattn_cache'])}x, decode-only "
+            f"{_f(s['decode_only']['vs_selfattn_cache'])}x | step vs before issue 17 "
+            f"{_f(s['decode_only'].get('vs_pre17'))}x | outputs identical: {'yes' if p['identical'] else 'NO'}"
+        )
+        out.append(line)
+    pk = d["peaks"]
+    out += [
+        "",
+        f"  one decode step (decode-only time / tokens) against its arithmetic: peak {pk['gemm_flops_per_s'] / 1e9:.1f} "
+        f"GFLOP/s, memory {pk['stream_bytes_per_s'] / 1e9:.1f} GB/s ({pk['how']})",
+    ]
+    out += _rows(
+        ["batch", "variant", "ms/step", "MFLOP/step", "GFLOP/s", "x arith", "MB/step", "GB/s", "x memory"],
+        [
+            [
+                r["batch"],
+                _DESIGNS.get(r["variant"], r["variant"]),
+                _f(r["ms_per_step"], 3) + ("" if r["measured"] == "full" else " ~"),
+                _f(r["mflop_per_step"], 1),
+                _f(r["gflop_per_s"], 1),
+                _f(r["x_arith"], 1),
+                _f(r.get("mb_per_step"), 1),
+                _f(r.get("gb_per_s"), 1),
+                _f(r.get("x_memory"), 2),
+            ]
+            for r in d["steps"]
+        ],
+    )
+    tgt, met = d["targets"], d.get("targets_met", {})
+    out.append(
+        "  targets: "
+        + "; ".join(
+            f"{k} {_f(d.get(k))}x (>= {v:g}x: {'met' if met.get(k) else 'NOT MET' if k in met else 'not measured'})"
+            for k, v in tgt.items()
+        )
+    )
+    div = next(iter(d["batches"].values()))["diversity"]
+    out.append(
+        f"  greedy outputs identical across all variants: {'yes' if d['identical_outputs'] else 'NO'} "
+        f"(not trivial: {div['distinct_coord_tokens']} distinct coordinate tokens, >= "
+        f"{div['min_distinct_per_row']} per image)"
+    )
+    return out
+
+
 def format_table(rep: dict[str, Any]) -> str:
     m = rep["machine"]
     out = [
@@ -253,92 +382,9 @@ def format_table(rep: dict[str, Any]) -> str:
         f"{rep['threads']} intra-op thread(s), load average at start {m.get('load_avg')} (shared machine: noisy; "
         "ratios are measured within this run)",
     ]
-    d = rep.get("decode")
-    if d:
-        sh = d["model"]
-        out += [
-            "",
-            f"DECODING  greedy {sh['generated_tokens']} tokens, {sh['backbone']} {sh['stage']}, "
-            f"{sh['encoder_layers']}+{sh['decoder_layers']} layers, d {sh['d_model']}, {sh['image_size']} px, "
-            f"{sh['num_classes']} classes, {sh['bins']} bins (vocab {d['vocab_size']}), {d['dtype']}, "
-            f"{d['parameters_m']} M params, random weights; best of repeats, variants interleaved",
-        ]
-        rows = []
-        names = {
-            "recompute": "(a) recompute (cache=none)",
-            "selfattn_cache": "(b) self-attn cache (self)",
-            "full_cache": "(c) full cache (ours, full)",
-        }
-        for b, p in d["batches"].items():
-            for key, label in names.items():
-                v = p["variants"][key]
-                w, dec = v.get("whole"), v.get("decode_only")
-                what = []
-                if (w or {}).get("measured", "full") != "full":
-                    what.append(
-                        f"extrapolated: {w['measured_steps']}/{w['total_steps']} steps in a {w['cap_s']:g}s cap"
-                    )
-                if (w or {}).get("source", "").startswith("composed"):
-                    what.append("whole = encoder + decode-only")
-                if (dec or {}).get("source", "").startswith("derived"):
-                    what.append("decode-only = the call minus its encoder")
-                what = "; ".join(what) or "measured"
-                rows.append(
-                    [
-                        b,
-                        label,
-                        _secs(w),
-                        _rate(w),
-                        _secs(dec),
-                        _rate(dec),
-                        _f((dec or {}).get("ms_per_token"), 2),
-                        f"{len((w or {}).get('runs_s', [])) or 1}",
-                        what,
-                    ]
-                )
-        out += _rows(
-            [
-                "batch",
-                "variant",
-                "whole s",
-                "whole img/s",
-                "decode-only s",
-                "decode img/s",
-                "ms/token",
-                "runs",
-                "what",
-            ],
-            rows,
-        )
-        tgt = d["targets"]
-        for b, p in d["batches"].items():
-            s = p["speedup"]
-            line = (
-                f"  batch {b}: (c) vs (a) whole {_f(s['whole']['vs_recompute'])}x, decode-only "
-                f"{_f(s['decode_only']['vs_recompute'])}x"
-            )
-            if "vs_recompute_at_least" in s["whole"]:
-                line += f" (extrapolated; at least {_f(s['whole']['vs_recompute_at_least'])}x measured)"
-            line += (
-                f" | (c) vs (b) whole {_f(s['whole']['vs_selfattn_cache'])}x, decode-only "
-                f"{_f(s['decode_only']['vs_selfattn_cache'])}x | outputs identical: "
-                f"{'yes' if p['identical'] else 'NO'}"
-            )
-            out.append(line)
-        met = d.get("targets_met", {})
-        out.append(
-            f"  headline (batch {d['headline_batch']}, whole call): speedup_vs_recompute "
-            f"{_f(d['speedup_vs_recompute'])}x (target >= {tgt['speedup_vs_recompute']:g}x: "
-            f"{'met' if met.get('speedup_vs_recompute') else 'NOT MET'}), speedup_vs_selfattn_cache "
-            f"{_f(d['speedup_vs_selfattn_cache'])}x (target >= {tgt['speedup_vs_selfattn_cache']:g}x: "
-            f"{'met' if met.get('speedup_vs_selfattn_cache') else 'NOT MET'})"
-        )
-        div = next(iter(d["batches"].values()))["diversity"]
-        out.append(
-            f"  greedy outputs identical across (a)(b)(c): {'yes' if d['identical_outputs'] else 'NO'} "
-            f"(not trivial: {div['distinct_coord_tokens']} distinct coordinate tokens, >= "
-            f"{div['min_distinct_per_row']} per image)"
-        )
+    for key in ("decode", "decode_bf16"):
+        if rep.get(key):
+            out += _decode_lines(rep[key])
     if rep.get("train"):
         out += [
             "",
@@ -477,7 +523,8 @@ def format_table(rep: dict[str, Any]) -> str:
         ev = g.get("eval")
         if ev:
             out.append(
-                f"  eval: batch {ev['batch']}, {ev['tokens']} tokens, {ev['dtype']}, full cache: "
+                f"  eval: batch {ev['batch']}, {ev['tokens']} tokens, {ev['dtype']}, full cache, step "
+                f"{ev.get('step', 'eager')} (built in {_f(ev.get('step_compile_s'), 2)} s): "
                 f"{_f(ev['images_per_s'], 1)} images/s"
             )
             c = ev.get("caches")
@@ -485,6 +532,28 @@ def format_table(rep: dict[str, Any]) -> str:
                 out.append(
                     f"  caches at batch {c['batch']}: (c) vs (a) {_f(c['speedup']['whole']['vs_recompute'])}x, "
                     f"(c) vs (b) {_f(c['speedup']['whole']['vs_selfattn_cache'])}x, identical: {c['identical']}"
+                )
+            if ev.get("steps"):
+                out += _rows(
+                    ["batch", "step", "ms/step", "MFLOP/step", "x arith", "GB/s", "built in s"],
+                    [
+                        [
+                            r["batch"],
+                            _DESIGNS.get(r["variant"], r["variant"]),
+                            _f(r["ms_per_step"], 3),
+                            _f(r["mflop_per_step"], 1),
+                            _f(r["x_arith"], 1),
+                            _f(r.get("gb_per_s"), 1),
+                            _f(
+                                (ev["caches_batch1"] if r["batch"] == 1 else ev["caches"])["variants"]
+                                .get(r["variant"], {})
+                                .get("compile_s"),
+                                2,
+                            ),
+                        ]
+                        for r in ev["steps"]
+                        if r["variant"].startswith("full_cache")
+                    ],
                 )
     out.append("")
     out.append(
@@ -560,11 +629,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
             log(f"[bench] {name}: {secs:.0f}s, rc {rc}")
     machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    if raw.get("decode") and raw["decode"]["dtype"] == "fp32":
-        notes.append(
-            "decoding runs in float32, as the engine's evaluation does on CPU (train.amp auto): bf16 "
-            "autocast is slower on this CPU (no AMX); bench/gpu.py measures bf16 on GPU"
-        )
+    from pix2seq.precision import choose
+
+    notes.append(f"train.amp auto on this machine: {choose('auto', 'cpu').describe()}")
     rep = aggregate(raw, machine, done, now() - t0, args.threads, notes)
     rep["command"] = " ".join(
         [Path(sys.executable).name, "bench/run_all.py", *(argv if argv is not None else sys.argv[1:])]

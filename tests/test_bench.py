@@ -56,17 +56,49 @@ def test_report_structure(report):
 
 
 def test_decode_section(report):
-    d = report[0]["decode"]
-    assert d["identical_outputs"] is True
-    assert d["speedup_vs_recompute"] > 0 and d["speedup_vs_selfattn_cache"] > 0
-    assert set(d["targets_met"]) == {"speedup_vs_recompute", "speedup_vs_selfattn_cache"}
-    for p in d["batches"].values():
-        assert set(p["variants"]) == {"recompute", "selfattn_cache", "full_cache"}
-        for v in p["variants"].values():
-            assert v["whole"]["images_per_s"] > 0 and v["decode_only"]["images_per_s"] > 0
-        assert p["speedup"]["whole"]["vs_recompute"] > 0
-        assert all(c.startswith("identical") for c in p["checks"].values())
-        assert p["diversity"]["distinct_coord_tokens"] >= 1
+    rep, table = report
+    for key in ("decode", "decode_bf16"):
+        d = rep[key]
+        assert d["identical_outputs"] is True or key == "decode_bf16"
+        assert d["speedup_vs_recompute"] > 0 and d["speedup_vs_selfattn_cache"] > 0
+        assert d["step_speedup_vs_pre17"] > 0
+        assert set(d["targets_met"]) == {
+            "speedup_vs_recompute",
+            "speedup_vs_selfattn_cache",
+            "step_speedup_vs_pre17",
+        }  # no batch 8 in the tiny run
+        assert d["peaks"]["gemm_flops_per_s"] > 0 and d["peaks"]["stream_bytes_per_s"] > 0
+        for b, p in d["batches"].items():
+            designs = {"recompute", "selfattn_cache", "full_cache", "full_cache_pre17"}
+            assert designs <= set(p["variants"])
+            for k in designs - {"full_cache_pre17"}:
+                v = p["variants"][k]
+                assert v["whole"]["images_per_s"] > 0 and v["decode_only"]["images_per_s"] > 0
+                assert 0 < v["encoder_share"] < 1
+            assert p["speedup"]["whole"]["vs_recompute"] > 0 and p["speedup"]["decode_only"]["vs_pre17"] > 0
+            assert all(c.startswith("identical") for c in p["checks"].values()) or key == "decode_bf16"
+            assert p["diversity"]["distinct_coord_tokens"] >= 1
+        # the step table: batch 1 of every variant with a decode-only time, FLOPs and bytes counted
+        rows = {r["variant"]: r for r in d["steps"] if r["batch"] == 1}
+        assert {"full_cache", "full_cache_pre17", "selfattn_cache"} <= set(rows)
+        full = rows["full_cache"]
+        assert full["mflop_per_step"] > 0 and full["x_arith"] > 0 and full["mb_per_step"] > 0
+        assert rows["selfattn_cache"]["mflop_per_step"] > full["mflop_per_step"]  # the re-projection
+    static = rep["decode"]["batches"]["1"]["variants"]["full_cache_static"]
+    assert static["compile_s"] >= 0 and static["decode_only"]["images_per_s"] > 0
+    assert "DECODING fp32" in table and "DECODING bf16" in table and "x arith" in table
+
+
+def test_step_cost_counts_the_coco_step():
+    """~16 MFLOP and ~31 MB per step at batch 1 for the COCO shape (fp32, full cache)."""
+    import argparse
+
+    ns = argparse.Namespace(**{k.replace("-", "_"): v for k, v in decode.parse_args([]).__dict__.items()})
+    shape = decode.model_shape(ns)
+    c = decode.step_cost(shape, 3 + 80 + 1000, "full", 1, 4)
+    assert 15e6 < c["flops"] < 17e6 and 30e6 < c["bytes"] < 32e6
+    assert decode.step_cost(shape, 1083, "full", 16, 4)["flops"] == pytest.approx(16 * c["flops"])
+    assert decode.step_cost(shape, 1083, "self", 1, 4)["flops"] > 30 * c["flops"]
 
 
 def test_train_and_loader_sections(report):
@@ -95,12 +127,12 @@ def test_coco_eval_and_gpu_sections(report):
 
 @pytest.mark.parametrize("batch", ["1", "2"])
 def test_recompute_cap_extrapolates(tmp_path, batch):
-    """A capped (a) call, whole (batch 1) or decode-only with a composed whole call (batch 2):
-    labelled, extrapolated, and its decoded prefix equals (c)'s."""
+    """A capped (a) call, whole (batch 1) or decode-only with a composed whole call (batch 2), and a
+    capped (b) at batch 2: labelled, extrapolated, and their decoded prefixes equal (c)'s."""
     out = tmp_path / "d.json"
     cap = "--cap-s" if batch == "1" else "--cap-s-batched"
-    argv = TINY_DECODE + ["--batches", batch, "--num-objects", "4", cap, "0", "--json-out", str(out)]
-    assert decode.main(argv) == 0
+    argv = TINY_DECODE + ["--batches", batch, "--num-objects", "4", cap, "0", "--cap-s-self", "0"]
+    assert decode.main(argv + ["--step-variants", "", "--json-out", str(out)]) == 0
     p = json.loads(out.read_text())["batches"][batch]
     v = p["variants"]["recompute"]
     for mode in ("whole", "decode_only"):
@@ -113,6 +145,11 @@ def test_recompute_cap_extrapolates(tmp_path, batch):
     mode = "whole" if batch == "1" else "decode_only"
     assert p["checks"][f"recompute/{mode}"].startswith("identical on the")
     assert p["whole_call"].startswith("measured" if batch == "1" else "composed")
+    if batch == "2":
+        s = p["variants"]["selfattn_cache"]["decode_only"]
+        assert s["measured"] == "extrapolated" and s["measured_steps"] >= decode.MIN_MEASURED_STEPS
+        assert p["checks"]["selfattn_cache/decode_only"].startswith("identical on the")
+        assert "vs_selfattn_cache_at_least" in p["speedup"]["whole"]
 
 
 def test_extrapolate_linear_steps():
@@ -160,6 +197,8 @@ def test_gpu_code_on_cpu(tmp_path):
         "1",
         "--cap-s",
         "30",
+        "--step-variants",
+        "eager,static",
         "--peak-tflops",
         "1",
         "--json-out",
@@ -174,7 +213,12 @@ def test_gpu_code_on_cpu(tmp_path):
         assert "error" not in r, r
         assert r["images_per_s"] > 0 and r["mfu"] > 0 and r["losses_finite"]
     assert g["eval"]["images_per_s"] > 0 and g["eval"]["batch"] == 2
-    assert set(g["eval"]["caches"]["variants"]) == {"recompute", "selfattn_cache", "full_cache"}
+    ev = g["eval"]
+    assert {"recompute", "selfattn_cache", "full_cache", "full_cache_eager", "full_cache_static"} <= set(
+        ev["caches"]["variants"]
+    )
+    assert ev["caches"]["identical"] and ev["caches_batch1"]["identical"]
+    assert {r["batch"] for r in ev["steps"]} == {1, 2} and ev["peaks"]["gemm_flops_per_s"] > 0
     written = list((tmp_path / "results").glob("*.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["device"] == g["device"]
 

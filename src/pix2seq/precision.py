@@ -41,6 +41,7 @@ CACHE_ENV = "PIX2SEQ_PRECISION_CACHE"
 FORCE_ENV = "PIX2SEQ_CPU_AMP"
 _BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 BF16 / AMX; aarch64 BF16
 _FIELDS = {"fp32_per_s", "bf16_per_s", "channels_last_fp32", "channels_last_bf16"}  # a cache entry
+_WORKLOAD_VERSION = 1  # part of the cache key: a changed workload is measured again
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,8 @@ def _machine_key() -> str:
                 break
     except OSError:
         pass
-    return f"{model} | torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{model} | torch {torch.__version__} | {capability} | workload v{_WORKLOAD_VERSION}"
 
 
 def _measured(path: Path) -> dict:

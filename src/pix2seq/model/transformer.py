@@ -335,7 +335,12 @@ class StepCache:
       (a masked position must hold a finite value) and the step reads the module's own weights, so
       a step captured once sees later weight updates. :meth:`reset` reuses the cache for the next
       images of the same shape.
+
+    ``StepCache.transpose_weights = False`` makes the dynamic step read the module's weights as it
+    did before the copies (bench/decode.py measures the two side by side).
     """
+
+    transpose_weights = True
 
     def __init__(
         self,
@@ -361,7 +366,7 @@ class StepCache:
         self.repeat = repeat
         self.static = static
         self.pos = 0
-        transposed = not static
+        transposed = self.transpose_weights and not static
         self.linear = _addmm_t if transposed else F.linear
         self.weights = [_step_weights(layer, transposed, dtype) for layer in layers]
         self.norm = (decoder.norm.weight, decoder.norm.bias)
