@@ -278,6 +278,7 @@ def bench_eval(cfg, vocab, args) -> dict:
             step_variants=args.step_variants,
             step_batches={1, b},
             shape=decode_shape(cfg, args),
+            clock="wall",
         )
         per_batch = {
             str(x): decode_bench.bench_batch(model, vocab, images[:x], ns, amp, fp32=False) for x in (1, b)

@@ -1,13 +1,14 @@
 """The benchmark suite: runs every module, prints a table, writes ``reports/bench.json``.
 
     make bench                                   # = .venv/bin/python bench/run_all.py
-    .venv/bin/python bench/run_all.py --threads 1 --budget-s 540 --out reports/bench.json
+    .venv/bin/python bench/run_all.py --threads 1 --budget-s 1800 --out reports/bench.json
     .venv/bin/python -m bench --only decode,coco_eval
 
 Each module runs in its own process (clean peak memory, no state shared between benchmarks) with
 ``--json-out``; the runner merges the results with the machine's description. The comparisons are
-ratios measured in one run, on one machine, with the same weights and inputs. Optional steps (the
-fp32 training comparisons) run only while the elapsed time stays inside ``--budget-s``. On a
+ratios measured in one run, on one machine, with the same weights and inputs. Optional steps (bf16
+decoding where the CPU has bf16, the fp32 training comparisons) run only while the elapsed time
+stays inside ``--budget-s``. On a
 machine without CUDA the GPU section is skipped (``"gpu": null``); with one, ``bench/gpu.py`` also
 writes ``bench/results/<device-name>.json``.
 
@@ -284,7 +285,7 @@ def _decode_lines(d: dict[str, Any]) -> list[str]:
         f"DECODING {d['dtype']}  greedy {sh['generated_tokens']} tokens, {sh['backbone']} {sh['stage']}, "
         f"{sh['encoder_layers']}+{sh['decoder_layers']} layers, d {sh['d_model']}, {sh['image_size']} px, "
         f"{sh['num_classes']} classes, {sh['bins']} bins (vocab {d['vocab_size']}), {d['parameters_m']} M "
-        "params, random weights; best of repeats, variants interleaved",
+        f"params, random weights; best of repeats, variants interleaved; {d.get('clock', 'wall')} clock",
     ]
     rows = []
     for b, p in d["batches"].items():
@@ -576,7 +577,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "reports" / "bench.json"))
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every module")
-    ap.add_argument("--budget-s", type=float, default=540.0, help="optional steps run only inside this")
+    ap.add_argument("--budget-s", type=float, default=1800.0, help="optional steps run only inside this")
     ap.add_argument("--only", default="", help=f"comma list of {','.join(MODULES)}")
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 training comparisons")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")

@@ -288,3 +288,18 @@ def test_cpu_optimizer_is_fused_and_matches_the_reference_adamw():
     for a, b, a0 in zip(net.parameters(), ref.parameters(), start, strict=True):
         assert not torch.equal(a, a0)  # the steps moved every parameter
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_batch_size_for_the_device(monkeypatch):
+    """eval.batch_size 0: 16 on a CPU; on CUDA as many 640 px images as half the memory holds."""
+    from types import SimpleNamespace
+
+    from pix2seq.engine import eval_batch_size
+
+    assert eval_batch_size(5, torch.device("cpu")) == 5
+    assert eval_batch_size(0, torch.device("cpu")) == 16
+    for gib, expected in ((16, 32), (80, 128), (141, 256), (2, 8)):
+        props = SimpleNamespace(total_memory=gib * 2**30)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d, p=props: p)
+        assert eval_batch_size(0, torch.device("cuda")) == expected, gib
+    assert eval_batch_size(0, torch.device("cuda"), image_size=1280) == 64  # 141 GiB, 4x the pixels

@@ -1,7 +1,7 @@
 """``pix2seq predict``: detect objects in image files and folders with a trained model.
 
     pix2seq predict IMAGE_OR_FOLDER... [--model SPEC] [--out DIR] [--format json|coco]
-                    [--score-threshold 0.3] [--device auto|cpu|cuda|cuda:N] [--batch-size 8]
+                    [--score-threshold 0.3] [--device auto|cpu|cuda|cuda:N] [--batch-size N]
                     [--tracking-uri URI] [key.sub=value ...]
 
 ``--model`` is a model file (``model.pt``, ``best.pt``), an MLflow model directory, an MLflow URI or
@@ -138,6 +138,7 @@ class _PyfuncBackend:
 
         self.model = mlflow.pyfunc.load_model(str(model_dir))
         self.names: list[str] | None = None
+        self.batch_size = 8
 
     def predict(
         self, images: list[Any], raw: list[bytes], score_threshold: float, batch_size: int
@@ -171,6 +172,7 @@ class _CheckpointBackend:
         except RuntimeError as e:  # load_state_dict: an override changed the architecture
             raise CliError(f"model {checkpoint}: cannot build the network: {first_line(e)}") from None
         self.names = [str(c["name"]) for c in self.predictor.categories]
+        self.batch_size = self.predictor.batch_size  # eval.batch_size, or chosen for the device
 
     def predict(
         self, images: list[Any], raw: list[bytes], score_threshold: float, batch_size: int
@@ -309,56 +311,74 @@ def coco_results(entries: list[dict]) -> list[dict]:
     return out
 
 
-def _run_predictions(
-    backend: Any, jobs: list[ImageJob], args: argparse.Namespace, out: Path, errors: list[dict[str, str]]
-) -> list[dict]:
-    from tqdm import tqdm
-
-    from pix2seq.evaluation.plots import draw_detections, save_image
+def _read_chunk(
+    chunk: list[ImageJob], errors: list[dict[str, str]]
+) -> tuple[list[ImageJob], list[Any], list[bytes]]:
+    """The chunk's readable images (jobs, uint8 tensors, encoded bytes); the others go to ``errors``."""
     from pix2seq.files import FileReadError, read_regular
     from pix2seq.inference import ImageReadError, read_image
 
+    ok, images, raw = [], [], []
+    for job in chunk:
+        try:
+            data = read_regular(job.path)  # regular files only: a FIFO swapped in is not read
+            images.append(read_image(data))
+        except (ImageReadError, FileReadError) as e:
+            msg = first_line(e).removeprefix("<bytes>: ").removeprefix(f"{job.path}: ")
+            errors.append({"file": str(job.path), "error": msg})
+            print(f"pix2seq predict: error: {job.path}: {msg}", file=sys.stderr)
+            continue
+        ok.append(job)
+        raw.append(data)
+    return ok, images, raw
+
+
+def _run_predictions(
+    backend: Any, jobs: list[ImageJob], args: argparse.Namespace, out: Path, errors: list[dict[str, str]]
+) -> list[dict]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from pix2seq.evaluation.plots import draw_detections, save_image
+
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict] = []
+    chunks = list(_chunks(jobs, args.batch_size or backend.batch_size))
     # on a terminal only (disable=None): images/s as it goes
     bar = tqdm(total=len(jobs), desc="predict", unit="img", disable=None, file=sys.stderr)
-    for chunk in _chunks(jobs, args.batch_size):
-        ok, images, raw = [], [], []
-        for job in chunk:
-            try:
-                data = read_regular(job.path)  # regular files only: a FIFO swapped in is not read
-                images.append(read_image(data))
-            except (ImageReadError, FileReadError) as e:
-                msg = first_line(e).removeprefix("<bytes>: ").removeprefix(f"{job.path}: ")
-                errors.append({"file": str(job.path), "error": msg})
-                print(f"pix2seq predict: error: {job.path}: {msg}", file=sys.stderr)
+    # the next chunk's images are read and decoded on a second thread while the model runs
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pix2seq-read") as reader:
+        ahead = reader.submit(_read_chunk, chunks[0], errors) if chunks else None
+        for i, chunk in enumerate(chunks):
+            ok, images, raw = ahead.result()
+            if i + 1 < len(chunks):
+                ahead = reader.submit(_read_chunk, chunks[i + 1], errors)
+            bar.update(len(chunk))
+            if not ok:
                 continue
-            ok.append(job)
-            raw.append(data)
-        bar.update(len(chunk) - len(ok))
-        if not ok:
-            continue
-        dets = backend.predict(images, raw, args.score_threshold, len(images))
-        for job, img, d in zip(ok, images, dets, strict=True):
-            names = backend.names
-            if names is None:  # a foreign pyfunc model: the names it returned, by label
-                names = {int(lab): str(n) for lab, n in zip(d["labels"], d.get("names", []), strict=False)}
-            vis = draw_detections(
-                img, d["boxes"], d["labels"], d["scores"], names=names, score_thresh=args.score_threshold
-            )
-            save_image(vis, out / job.out_name)
-            entries.append({
-                "file": str(job.path),
-                "width": int(img.shape[2]),
-                "height": int(img.shape[1]),
-                "boxes": [[round(float(c), 3) for c in b] for b in d["boxes"]],
-                "scores": [round(float(s), 6) for s in d["scores"]],
-                "labels": [int(v) for v in d["labels"]],
-                "category_ids": [int(v) for v in d.get("category_ids", [])],
-                "names": [str(v) for v in d.get("names", [])],
-                "visualization": job.out_name,
-            })  # fmt: skip
-        bar.update(len(ok))
+            dets = backend.predict(images, raw, args.score_threshold, len(images))
+            for job, img, d in zip(ok, images, dets, strict=True):
+                names = backend.names
+                if names is None:  # a foreign pyfunc model: the names it returned, by label
+                    names = {
+                        int(lab): str(n) for lab, n in zip(d["labels"], d.get("names", []), strict=False)
+                    }
+                vis = draw_detections(
+                    img, d["boxes"], d["labels"], d["scores"], names=names, score_thresh=args.score_threshold
+                )
+                save_image(vis, out / job.out_name)
+                entries.append({
+                    "file": str(job.path),
+                    "width": int(img.shape[2]),
+                    "height": int(img.shape[1]),
+                    "boxes": [[round(float(c), 3) for c in b] for b in d["boxes"]],
+                    "scores": [round(float(s), 6) for s in d["scores"]],
+                    "labels": [int(v) for v in d["labels"]],
+                    "category_ids": [int(v) for v in d.get("category_ids", [])],
+                    "names": [str(v) for v in d.get("names", [])],
+                    "visualization": job.out_name,
+                })  # fmt: skip
     bar.close()
     return entries
 
@@ -402,7 +422,12 @@ def register(subparsers: Any) -> None:
         help="keep detections with at least this score (default 0.3)",
     )
     p.add_argument("--device", type=_device_arg, default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default 8)")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="images per forward pass (default: eval.batch_size, or chosen for the device)",
+    )
     p.add_argument(
         "--tracking-uri",
         default=None,
