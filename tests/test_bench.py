@@ -68,7 +68,7 @@ def test_decode_section(report):
             "step_speedup_vs_pre17",
         }  # no batch 8 in the tiny run
         assert d["peaks"]["gemm_flops_per_s"] > 0 and d["peaks"]["stream_bytes_per_s"] > 0
-        for b, p in d["batches"].items():
+        for p in d["batches"].values():
             designs = {"recompute", "selfattn_cache", "full_cache", "full_cache_pre17"}
             assert designs <= set(p["variants"])
             for k in designs - {"full_cache_pre17"}:

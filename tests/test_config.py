@@ -186,7 +186,6 @@ SPECIFIC_BAD_VALUES = [
     ("train.keep_checkpoints", 0),
     ("train.checkpoint_every_steps", 0),
     ("train.log_every_steps", 0),
-    ("eval.batch_size", 0),
     ("eval.top_p", 0.0),
     ("eval.temperature", 0.0),
     ("eval.beam_size", 0),

@@ -237,7 +237,9 @@ def test_official_vocabulary_generation(imgs):
     assert (vocab.is_class(cls) | (cls == 30)).all() and vocab.is_coord(
         out.tokens.view(3, N, 5)[..., :4]
     ).all()
-    logits = _teacher_forced_logits(model, imgs, vocab, out.tokens).view(3, N, 5, -1)[:, :, 4]
+    with torch.no_grad():  # the official score: the raw logits' full-vocabulary softmax at the class tokens
+        prefix = torch.cat([torch.full_like(out.tokens[:, :1], vocab.prompt), out.tokens[:, :-1]], 1)
+        logits = model(imgs, prefix).float().view(3, N, 5, -1)[:, :, 4]
     want = logits.softmax(-1)[..., [101, 144, 190, 105]]
     torch.testing.assert_close(out.class_probs, want, atol=1e-5, rtol=1e-4)
 

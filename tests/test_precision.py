@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pix2seq import precision
+from pix2seq.errors import Pix2SeqError
 from pix2seq.precision import FORCE_ENV, autocast_dtype, choose
 
 
@@ -78,7 +79,7 @@ def test_forced_and_unsupported_cpus_do_not_measure(measured, monkeypatch):
     c = choose("auto", "cpu")
     assert c.dtype is None and FORCE_ENV in c.reason
     monkeypatch.setenv(FORCE_ENV, "fast")
-    with pytest.raises(ValueError, match=FORCE_ENV):
+    with pytest.raises(Pix2SeqError, match=FORCE_ENV):
         choose("auto", "cpu")
     monkeypatch.delenv(FORCE_ENV)
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)

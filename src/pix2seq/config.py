@@ -757,7 +757,6 @@ def validate(cfg: Config) -> None:
     )
     _check(tr.eval_every_minutes >= 0, "train.eval_every_minutes", "must be >= 0 (0: off)")
 
-    _check(e.batch_size >= 0, "eval.batch_size", "must be >= 0 (0: chosen for the device)")
     _check(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
     _check(e.temperature > 0, "eval.temperature", "must be positive")
     _check(e.beam_size >= 1, "eval.beam_size", "must be >= 1")

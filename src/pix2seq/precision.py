@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pix2seq.config import ConfigError
+from pix2seq.errors import Pix2SeqError
+
 AMP_MODES = ("auto", "bf16", "off")
 CACHE_ENV = "PIX2SEQ_PRECISION_CACHE"
 FORCE_ENV = "PIX2SEQ_CPU_AMP"
@@ -88,7 +91,7 @@ def use_channels_last(amp: str, device: torch.device | str) -> bool:
 
 def choose(amp: str, device: torch.device | str) -> Choice:
     if amp not in AMP_MODES:
-        raise ValueError(f"train.amp: must be one of {list(AMP_MODES)}, got {amp!r}")
+        raise ConfigError(f"train.amp: must be one of {list(AMP_MODES)}, got {amp!r}")
     forced = os.environ.get(FORCE_ENV, "").strip().lower()
     return _choose(amp, torch.device(device).type, forced, str(cache_path()))
 
@@ -102,7 +105,7 @@ def _choose(amp: str, device_type: str, forced: str, cache_file: str) -> Choice:
     if device_type != "cpu":
         return Choice(torch.bfloat16 if amp == "bf16" else None, f"{device_type} (train.amp: {amp})")
     if forced not in ("", "bf16", "fp32"):
-        raise ValueError(f"{FORCE_ENV}: must be bf16 or fp32, got {forced!r}")
+        raise Pix2SeqError(f"{FORCE_ENV}: must be bf16 or fp32, got {forced!r} (or unset it to measure)")
     if forced:  # no measurement, no layout change
         dtype = torch.bfloat16 if amp == "bf16" or forced == "bf16" else None
         return Choice(dtype, f"train.amp: {amp}" if amp == "bf16" else f"{FORCE_ENV}={forced}")

@@ -38,6 +38,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from pix2seq.config import ConfigError
+
 STEP_MODES = ("auto", "eager", "graph", "compile", "static")
 KEEP = 4  # units kept per model (an evaluation needs two: full batches and the last one)
 
@@ -47,11 +49,13 @@ _units: weakref.WeakKeyDictionary[nn.Module, OrderedDict] = weakref.WeakKeyDicti
 def resolve_step_mode(mode: str, device: torch.device) -> str:
     """``auto`` -> ``graph`` on CUDA, ``eager`` elsewhere; ``graph`` without CUDA is an error."""
     if mode not in STEP_MODES:
-        raise ValueError(f"eval.step: must be one of {STEP_MODES}, got {mode!r}")
+        raise ConfigError(f"eval.step: must be one of {list(STEP_MODES)}, got {mode!r}")
     if mode == "auto":
         return "graph" if device.type == "cuda" else "eager"
     if mode == "graph" and device.type != "cuda":
-        raise ValueError(f"eval.step: 'graph' captures CUDA graphs and needs a CUDA device, got {device}")
+        raise ConfigError(
+            f"eval.step: 'graph' captures CUDA graphs and needs a CUDA device, not {device}; use auto or eager"
+        )
     return mode
 
 
