@@ -622,7 +622,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats", type=int, default=2, help="runs of the uncapped variants at batch 1 (best kept)"
     )
     ap.add_argument("--repeats-batched", type=int, default=1, help="the same at larger batches")
-    ap.add_argument("--cap-s", type=float, default=60.0, help="time cap of one (a) call at batch 1")
+    ap.add_argument("--cap-s", type=float, default=30.0, help="time cap of one (a) call at batch 1")
     ap.add_argument(
         "--cap-s-batched", type=float, default=20.0, help="time cap of one (a) call at larger batches"
     )

@@ -6,9 +6,9 @@
 
 Each module runs in its own process (clean peak memory, no state shared between benchmarks) with
 ``--json-out``; the runner merges the results with the machine's description. The comparisons are
-ratios measured in one run, on one machine, with the same weights and inputs. Optional steps (bf16
-decoding where the CPU has bf16, the fp32 training comparisons) run only while the elapsed time
-stays inside ``--budget-s``. On a
+ratios measured in one run, on one machine, with the same weights and inputs. Decoding runs in fp32
+and, where the CPU has bf16 instructions, in bf16 (bench/gpu.py: bf16 on CUDA). Optional steps
+(the fp32 training comparisons) run only while the elapsed time stays inside ``--budget-s``. On a
 machine without CUDA the GPU section is skipped (``"gpu": null``); with one, ``bench/gpu.py`` also
 writes ``bench/results/<device-name>.json``.
 
@@ -95,8 +95,6 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 {
                     "name": "decode_bf16",
                     "module": "decode",
-                    "optional": True,
-                    "estimate_from": "decode",
                     "argv": t + tiny + ["--dtype", "bf16", "--step-variants", ""],
                 }
             )

@@ -28,7 +28,7 @@ from pix2seq.config import load_config
 from pix2seq.data.download import run_download
 from pix2seq.data.loaders import load_detection_data
 from pix2seq.data.prepare import run_prepare
-from pix2seq.engine import predict_batches
+from pix2seq.engine import eval_batch_size, predict_batches
 from pix2seq.errors import run_entry_point
 from pix2seq.evaluation.coco import coco_evaluate
 from pix2seq.evaluation.report import load_trained_model
@@ -48,9 +48,9 @@ def token_readout_metrics(cfg) -> dict[str, float]:
     model, vocab, mcfg, _ = load_trained_model(cfg, Path(cfg.train.output_dir) / "model.pt")
     mcfg.eval.coord_window = 0.0
     data = load_detection_data(mcfg)
-    results, ids, _ = predict_batches(
-        model, data.val_loader(), vocab, mcfg, torch.device("cpu"), data.label_to_category
-    )
+    cpu = torch.device("cpu")
+    loader = data.val_loader(eval_batch_size(mcfg.eval.batch_size, cpu, mcfg.data.image_size))
+    results, ids, _ = predict_batches(model, loader, vocab, mcfg, cpu, data.label_to_category)
     result = coco_evaluate(data.val_annotations, results, backend="pycocotools", img_ids=sorted(ids))
     return {k: round(float(result.metrics[k]), 2) for k in ("AP", "AP50", "AP75")}
 

@@ -100,7 +100,8 @@ class DetectionData:
         return m.root / str(m.files[0])
 
     def val_loader(self, batch_size: int | None = None) -> DataLoader:
-        """The validation loader (``eval.batch_size`` unless ``batch_size`` is given)."""
+        """The validation loader (``eval.batch_size`` unless ``batch_size`` is given; a configured 0,
+        "chosen for the device", is resolved by the caller: ``pix2seq.engine.eval_batch_size``)."""
         if self._val is None or (batch_size is not None and self._val.batch_size != batch_size):
             self._val = build_loader(
                 self.cfg,
