@@ -58,7 +58,13 @@ def decode(
     autocast_dtype: torch.dtype | None = None,
 ) -> Decoded:
     """Decode ``cfg.tokenizer.max_instances`` objects per image as ``cfg.eval`` says, without
-    waiting for the device: the outputs' copies to the host are queued behind the decode."""
+    waiting for the device: the outputs' copies to the host are queued behind the decode.
+
+    Args:
+        canvas: ``(B, 3, S, S)`` padded canvases (uint8, or float in [0, 1] with ``model.pixels:
+            official``), on the model's device.
+        scale: ``(B,)`` canvas pixels per original pixel; orig_size: ``(B, 2)`` (height, width).
+    """
     ecfg = cfg.eval
     out = generate(
         model,
@@ -82,23 +88,8 @@ def decode(
     return Decoded(*host, ready, vocab, canvas.shape[-1], scale, orig_size, out.compile_s)
 
 
-def detect(
-    model: nn.Module,
-    canvas: Tensor,
-    vocab: Vocab,
-    cfg: Config,
-    scale: Tensor,
-    orig_size: Tensor,
-    autocast_dtype: torch.dtype | None = None,
-) -> list[dict[str, Tensor]]:
-    """Decode ``cfg.tokenizer.max_instances`` objects per image as ``cfg.eval`` says.
-
-    Args:
-        canvas: ``(B, 3, S, S)`` padded canvases (uint8, or float in [0, 1] with ``model.pixels:
-            official``), on the model's device.
-        scale: ``(B,)`` canvas pixels per original pixel; orig_size: ``(B, 2)`` (height, width).
-    Returns:
-        B dicts (on the CPU) with ``boxes`` ``(M, 4)`` xyxy in original pixels, ``labels`` ``(M,)``
-        (contiguous 0..C-1) and ``scores`` ``(M,)``, ranked by score.
-    """
-    return decode(model, canvas, vocab, cfg, scale, orig_size, autocast_dtype).detections()
+def detect(*args, **kwargs) -> list[dict[str, Tensor]]:
+    """:func:`decode` (same arguments), waited for: B dicts (on the CPU) with ``boxes`` ``(M, 4)``
+    xyxy in original pixels, ``labels`` ``(M,)`` (contiguous 0..C-1) and ``scores`` ``(M,)``,
+    ranked by score."""
+    return decode(*args, **kwargs).detections()
