@@ -131,6 +131,7 @@ def _tune_overrides(tmp: Path, storage: str, n_trials: int, **over) -> list[str]
         "tune.lr_min": 1e-4,
         "tune.lr_max": 40.0,
         "tune.output": str(tmp / "best_params.json"),
+        "tune.report_dir": str(tmp / "reports"),
         "tracking.experiment": "tune-test",
         "tracking.log_system_metrics": False,
         "tracking.register": False,
@@ -346,7 +347,15 @@ def test_bad_lr_pruned_and_failures_recorded(fake, tmp_path, mlflow_copy):
     assert summary.counts["COMPLETE"] + summary.counts["PRUNED"] == 4
     assert summary.best["trial"] in (0, 4) and summary.best["train.lr"] == GOOD_LR
     assert json.loads((tmp_path / "best_params.json").read_text()) == summary.best
-    assert set(summary.best) == {"train.lr", "train.batch_repeat", "AP", "trial", "study", "config_digest"}
+    assert set(summary.best) == {
+        "train.lr", "train.batch_repeat", "AP", "trial", "study", "config_digest", "recommended", "verdict"
+    }  # fmt: skip
+    assert summary.best["recommended"] and summary.report["best_trial"] == summary.best["trial"]
+    report = json.loads((tmp_path / "reports" / "summary.json").read_text())
+    assert [t["state"] for t in report["trials"]] == ["COMPLETE", "PRUNED", "PRUNED", "FAIL", "COMPLETE"]
+    assert report["trials"][1]["note"] == "pruned after evaluation 1" and report["trials"][1]["ap"] == 0.0
+    assert report["trials"][2]["note"] == "diverged (NaN loss)"
+    assert report["trials"][0]["steps"] == 3  # the fake trains 3 "steps"
     for n in range(5):  # every trial its own folder
         assert (tmp_path / "runs" / tuning.study_name(cfg) / f"trial-{n}").is_dir()
 
@@ -591,18 +600,99 @@ def test_real_trials_end_to_end(tiny_prepared, tmp_path, mlflow_copy, monkeypatc
     assert main(["tune", "--params", str(params), "--runs-dir", str(tmp_path / "runs"), *over]) == 0
     assert len(_study(storage).trials) == 2
 
-    capsys.readouterr()
-    proc = subprocess.run(  # what `make train-best` runs
+    out = capsys.readouterr().out
+    # 2 epochs of a tiny model learn nothing measurable: the study says so and recommends nothing
+    assert "no recommendation: no trial learned measurably" in out
+    report = json.loads((tmp_path / "reports" / "summary.json").read_text())
+    assert report["recommended"] is False and not best["recommended"]
+    assert [t["steps"] for t in report["trials"]] == [t.user_attrs["steps"] for t in study.trials]
+    for name in ("summary.json", "trials.csv", "optimization_history.png", "parallel_coordinate.png"):
+        assert (tmp_path / "reports" / name).is_file()
+    proc = subprocess.run(  # what `make train-best` runs: it refuses parameters nothing was learnt with
         [str(REPO / "bin" / "pix2seq"), "tune", "--params", str(params), "--best-overrides", *over],
         capture_output=True,
         text=True,
         timeout=120,
         env=dict(os.environ),
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == [
-        f"train.lr={best['train.lr']!r}",
-        f"train.batch_repeat={best['train.batch_repeat']}",
-    ]
-    cfg = load_config(None, proc.stdout.split())  # they are valid overrides
-    assert cfg.train.lr == best["train.lr"]
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "recommends nothing" in proc.stderr
+
+
+def _study_with(results: list[tuple[str, float, float | None, list[float]]]) -> optuna.Study:
+    """An in-memory study of finished trials: (state, lr, final AP, intermediate APs)."""
+    dist_lr = optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)
+    dist_k = optuna.distributions.IntDistribution(1, 3)
+    study = optuna.create_study(direction="maximize", study_name="report")
+    for state, lr, ap, evals in results:
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=getattr(optuna.trial.TrialState, state),
+                value=ap,
+                params={"train.lr": lr, "train.batch_repeat": 1},
+                distributions={"train.lr": dist_lr, "train.batch_repeat": dist_k},
+                intermediate_values=dict(enumerate(evals, 1)),
+                user_attrs={"train_minutes": 0.5, "steps": 120},
+            )
+        )
+    return study
+
+
+def test_report_recommends_only_what_trials_learned(tmp_path):
+    """Trials that never left the plateau (every AP < 1) recommend nothing and say why; trials that
+    learned rank their parameters; pruned trials count with their last AP; the PNGs are real images."""
+    from PIL import Image
+
+    from pix2seq.tuning.report import format_report, study_report, write_report
+
+    plateau = _study_with([("COMPLETE", 1e-3, 0.1, [0.0, 0.1]), ("COMPLETE", 1e-2, 0.0, [0.0, 0.0])])
+    report = study_report(plateau, "for 0.5 min", "random weights")
+    assert report["recommended"] is False and "recommends nothing" in report["verdict"]
+    assert "no recommendation: no trial learned measurably (best AP 0.1)" in format_report(report)
+
+    learned = _study_with([
+        ("COMPLETE", 1e-3, 62.0, [30.0, 62.0]),
+        ("PRUNED", 2e-2, None, [3.0]),
+        ("COMPLETE", 3e-4, 55.0, [20.0, 55.0]),
+    ])  # fmt: skip
+    report = study_report(learned, "for 0.5 min", "runs/train/model.pt")
+    assert report["recommended"] and report["best_trial"] == 0
+    assert report["verdict"] == "trial 0 is best (AP 62.0), 59.0 AP above the worst (trial 1, pruned)"
+    text = format_report(report)
+    assert "each trained for 0.5 min from runs/train/model.pt" in text
+    assert "0.50 min, 120 steps" in text and "(pruned after evaluation 1)" in text
+
+    files = write_report(learned, report, tmp_path / "tune")
+    names = {f.name for f in files}
+    assert {"summary.json", "trials.csv", "optimization_history.png", "parallel_coordinate.png"} <= names
+    for f in files:
+        if f.suffix == ".png":
+            with Image.open(f) as im:
+                assert im.format == "PNG" and min(im.size) > 200
+    assert json.loads((tmp_path / "tune" / "summary.json").read_text()) == report
+    stale = tmp_path / "tune" / "param_importances.png"
+    write_report(plateau, study_report(plateau, "x", "y"), tmp_path / "tune", plots=False)
+    assert not stale.exists()  # no plot of an earlier study is left beside this one's summary
+
+
+def test_qmc_sampler_spreads_a_small_study():
+    """tune.sampler: qmc draws scrambled Sobol points: reproducible for a seed, and the first trials of
+    a small study fall in different quarters of the (log) learning-rate range."""
+    cfg = load_config(None, ["tune.sampler=qmc", "tune.lr_min=1e-4", "tune.lr_max=1e-2", "tune.n_trials=4"])
+
+    def draws(seed: int) -> list[float]:
+        sampler, desc = tuning.make_sampler(load_config(None, [*cfg_over, f"tune.sampler_seed={seed}"]))
+        assert desc.startswith("QMC(sobol")
+        study = optuna.create_study(sampler=sampler, direction="maximize")
+        out = []
+        for _ in range(4):
+            t = study.ask()
+            out.append(tuning.suggest_params(t, cfg.tune)["train.lr"])
+            study.tell(t, 0.0)
+        return out
+
+    cfg_over = ["tune.sampler=qmc", "tune.lr_min=1e-4", "tune.lr_max=1e-2"]
+    a = draws(0)
+    assert a == draws(0) != draws(1)
+    quarters = {int((math.log10(lr) + 4) / 2 * 4) for lr in a}  # log10 range -4..-2 in quarters
+    assert quarters == {0, 1, 2, 3}

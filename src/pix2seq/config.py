@@ -315,6 +315,9 @@ class TuneConfig(Section):
     lr_max: float = 3e-3
     repeat_min: int = 1
     repeat_max: int = 3
+    # tpe: learns from the trials so far (studies of tens of trials); qmc: quasi-random (scrambled
+    # Sobol) points spread evenly over the space, so a study of a few trials covers its whole range
+    sampler: Literal["tpe", "qmc"] = "tpe"
     sampler_seed: int = 0
     pruner: Literal["median", "hyperband", "none"] = "median"
     # the pruner never stops a trial in this first fraction of its evaluations: AP stays near 0
@@ -324,6 +327,9 @@ class TuneConfig(Section):
     trial_epochs: int = 0
     heartbeat_s: int = field(default=60, metadata=RUNTIME)
     output: str = "reports/best_params.json"
+    # the study's report: summary.json (every trial: parameters, AP, state, minutes and steps trained),
+    # trials.csv and the plots as PNG
+    report_dir: str = "reports/tune"
 
 
 @dataclass(repr=False, eq=False)

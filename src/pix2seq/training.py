@@ -61,6 +61,7 @@ class TrainResult:
     output_dir: Path
     global_step: int
     stopped_early: bool
+    train_minutes: float = 0.0  # training wall clock (evaluations excluded), resumptions included
 
 
 @dataclass
@@ -122,7 +123,13 @@ def run_training(cfg: Config, hooks: TrainHooks | None = None) -> TrainResult:
             log_model(run)
         status = "KILLED" if stopped else "FINISHED"
         return TrainResult(
-            metrics, run.state.best_metric, run.tracker.run_id, run.out, run.state.global_step, stopped
+            metrics,
+            run.state.best_metric,
+            run.tracker.run_id,
+            run.out,
+            run.state.global_step,
+            stopped,
+            run.state.elapsed_s / 60,
         )
     finally:
         run.tracker.end(status)

@@ -131,6 +131,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     cfg = _config(args)
     from pix2seq import tuning
+    from pix2seq.tuning.report import format_report
 
     if args.print_storage:
         print(tuning.storage_url(cfg.tune.storage))
@@ -154,18 +155,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
         dist.cleanup()
     if summary is None:  # a rank > 0 of a torchrun job
         return 0
-    c = summary.counts
+    print(format_report(summary.report))
     print(
-        f"tune: study {summary.study_name}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed "
-        f"(this worker ran trials {summary.trials_run_here}); MLflow parent run {summary.parent_run_id}"
+        f"tune: this worker ran trials {summary.trials_run_here}; MLflow parent run {summary.parent_run_id}"
+        + (f"; report in {cfg.tune.report_dir}/" if summary.output else "")
     )
     if summary.best is None:
         raise tuning.StudyError(f"no trial of study {summary.study_name} completed")
     b = summary.best
-    print(
-        f"tune: best trial {b['trial']}: AP {b['AP']:.2f} with train.lr={b['train.lr']:.3g} "
-        f"train.batch_repeat={b['train.batch_repeat']}" + (f" -> {summary.output}" if summary.output else "")
-    )
+    if b["recommended"]:
+        print(
+            f"tune: best trial {b['trial']}: AP {b['AP']:.2f} with train.lr={b['train.lr']:.3g} "
+            f"train.batch_repeat={b['train.batch_repeat']}"
+            + (f" -> {summary.output} (make train-best trains with them)" if summary.output else "")
+        )
     return 0
 
 

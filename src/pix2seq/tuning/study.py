@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.trial import TrialState
 
 from pix2seq import distributed as dist
 from pix2seq.atomic import atomic_write_text
@@ -48,6 +47,7 @@ from pix2seq.config import Config, config_from_dict, runtime_keys
 from pix2seq.errors import Pix2SeqError
 from pix2seq.tracking import studies
 from pix2seq.tuning.budget import StudyBudget, counts
+from pix2seq.tuning.report import study_report, trial_rows, verdict, write_report
 from pix2seq.tuning.space import (
     LR_PARAM,
     REPEAT_PARAM,
@@ -147,8 +147,17 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
 
 def make_sampler(cfg: Config) -> tuple[optuna.samplers.BaseSampler, str]:
-    """Seeded TPE (``tune.sampler_seed``); at most half the trials (<= 10) are random start-up trials.
-    Returns the sampler and its description (logged on the study run)."""
+    """``tune.sampler``: seeded TPE (at most half the trials, <= 10, are random start-up trials), or
+    scrambled Sobol points (QMC: a few trials spread over the whole space; the sequence is indexed by
+    the study's trials, so concurrent workers draw different points). Returns the sampler and its
+    description (logged on the study run)."""
+    if cfg.tune.sampler == "qmc":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.QMCSampler(
+                qmc_type="sobol", scramble=True, seed=cfg.tune.sampler_seed, warn_independent_sampling=False
+            )
+        return sampler, f"QMC(sobol, scrambled, seed={cfg.tune.sampler_seed})"
     startup = min(10, max(1, cfg.tune.n_trials // 2))
     sampler = TrialSeededSampler(cfg.tune.sampler_seed, n_startup_trials=startup)
     return sampler, f"TPE(seed={cfg.tune.sampler_seed} + trial number, n_startup_trials={startup})"
@@ -203,17 +212,21 @@ def open_study(
 
 
 def best_params(study: optuna.Study) -> dict[str, Any] | None:
-    """``{"train.lr", "train.batch_repeat", "AP", "trial", "study"}`` of the best COMPLETE trial."""
+    """``{"train.lr", "train.batch_repeat", "AP", "trial", "study", "recommended", "verdict"}`` of the
+    best COMPLETE trial; ``recommended`` is False when no trial learned measurably (:func:`.report.verdict`)."""
     try:
         t = study.best_trial
     except ValueError:
         return None
+    recommended, why = verdict(trial_rows(study))
     return {
         LR_PARAM: float(t.params[LR_PARAM]),
         REPEAT_PARAM: int(t.params[REPEAT_PARAM]),
         "AP": float(t.value),
         "trial": t.number,
         "study": study.study_name,
+        "recommended": recommended,
+        "verdict": why,
     }
 
 
@@ -232,6 +245,8 @@ def best_overrides(cfg: Config) -> list[str]:
     best = best_params(study)
     if best is None:
         raise StudyError(f"study {name} has no completed trial yet; run `make tune`")
+    if not best["recommended"]:
+        raise StudyError(f"study {name}: {best['verdict']}")
     return [f"{LR_PARAM}={best[LR_PARAM]!r}", f"{REPEAT_PARAM}={best[REPEAT_PARAM]}"]
 
 
@@ -299,66 +314,33 @@ def _parent_run(study: optuna.Study, created: bool, cfg: Config, params: dict, w
     return rid
 
 
-def _save_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """PNG plots (matplotlib backend; Plotly is not a dependency). A plot that cannot be drawn is skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as vm
-
-    n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    plots: dict[str, Callable[[], Any]] = {
-        "optimization_history": lambda: vm.plot_optimization_history(study),
-        "intermediate_values": lambda: vm.plot_intermediate_values(study),
-    }
-    if n_complete >= 1:
-        plots["parallel_coordinate"] = lambda: vm.plot_parallel_coordinate(study, params=list(TUNED))
-    if n_complete >= 2:
-        plots["param_importances"] = lambda: vm.plot_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
-        )
-    else:
-        log.info("parameter importance needs >= 2 completed trials (%d); not plotted", n_complete)
-    saved = []
-    for name, draw in plots.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = draw()
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(9, 5.5)
-            path = folder / f"{name}.png"
-            fig.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(fig)
-            saved.append(path)
-        except Exception as e:  # noqa: BLE001 - e.g. importance with one distinct value
-            log.warning("plot %s skipped: %s: %s", name, type(e).__name__, e)
-            plt.close("all")
-    return saved
-
-
-def _log_summary(
-    study: optuna.Study, parent: str, best: dict | None, states: dict[str, int], plots: bool
-) -> None:
+def _log_summary(parent: str, best: dict | None, states: dict[str, int], files: list[Path]) -> None:
+    """The study's outcome on its MLflow parent run: counts, best value and params, the report files."""
     done = states["COMPLETE"] + states["PRUNED"]
     metrics = {f"trials_{k.lower()}": float(v) for k, v in states.items() if k != "WAITING"}
     tags = {}
     if best is not None:
         metrics["best_AP"] = float(best["AP"])
-        tags = {f"best.{k}": best[k] for k in (*TUNED, "trial")}
-    with tempfile.TemporaryDirectory(prefix="pix2seq-tune-") as tmp:
-        folder = Path(tmp)
-        files = []
-        if best is not None:
-            files.append(atomic_write_text(folder / "best_params.json", json.dumps(best, indent=2) + "\n"))
-        try:
-            study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
-            files.append(folder / "trials.csv")
-        except Exception as e:  # noqa: BLE001
-            log.warning("trials table not logged: %s", e)
-        drawn = _save_plots(study, folder) if plots else []
-        studies.log_study_summary(parent, done, metrics, tags, files, drawn)
+        tags = {f"best.{k}": best[k] for k in (*TUNED, "trial", "recommended")}
+    plots = [f for f in files if f.suffix == ".png"]
+    rest = [f for f in files if f.suffix != ".png"]
+    studies.log_study_summary(parent, done, metrics, tags, rest, plots)
+
+
+def trial_start(cfg: Config) -> str:
+    """What each trial's weights start from, in words (the study report)."""
+    return "random weights"
+
+
+def trial_budget(cfg: Config) -> str:
+    """Each trial's training budget in words (the study report)."""
+    tu = cfg.tune
+    if tu.trial_minutes > 0:
+        return f"for {tu.trial_minutes:g} min"
+    if tu.trial_epochs > 0:
+        return f"for {tu.trial_epochs} epochs"
+    tr = cfg.train
+    return f"for {tr.max_minutes:g} min" if tr.max_minutes > 0 else f"for {tr.epochs} epochs"
 
 
 # ---------------------------------------------------------------------------------- the study
@@ -372,6 +354,7 @@ class StudySummary:
     parent_run_id: str | None
     trials_run_here: list[int] = field(default_factory=list)
     output: Path | None = None  # where best was written (None: not written)
+    report: dict[str, Any] = field(default_factory=dict)  # .report.study_report: every trial, the verdict
 
 
 def _finite_ap(value: Any) -> float:
@@ -537,6 +520,8 @@ def run_study(
         try:
             result = train_fn(tcfg, hooks)
             run_id = result.run_id
+            trial.set_user_attr("train_minutes", round(float(result.train_minutes), 3))
+            trial.set_user_attr("steps", int(result.global_step))
             if pruned_at or result.stopped_early:
                 state = "PRUNED"
                 step = pruned_at[0] if pruned_at else len(evals)
@@ -601,11 +586,16 @@ def run_study(
 
     states = counts(study)
     best = best_params(study)
+    report = study_report(study, trial_budget(cfg), trial_start(cfg))
     written = None
-    if best is not None and write_output:
-        best["config_digest"] = config_digest(cfg)
-        written = atomic_write_text(tu.output, json.dumps(best, indent=2) + "\n")
-    if parent:
-        _quietly(_log_summary, study, parent, best, states, plots)
-        _quietly(studies.end_run, parent, "FINISHED")
-    return StudySummary(name, states, best, parent, ran, written)
+    with tempfile.TemporaryDirectory(prefix="pix2seq-tune-") as tmp:
+        folder = Path(tu.report_dir) if write_output else Path(tmp)
+        files = write_report(study, report, folder, plots=plots)
+        if best is not None and write_output:
+            best["config_digest"] = config_digest(cfg)
+            written = atomic_write_text(tu.output, json.dumps(best, indent=2) + "\n")
+            files.append(written)
+        if parent:
+            _quietly(_log_summary, parent, best, states, files)
+            _quietly(studies.end_run, parent, "FINISHED")
+    return StudySummary(name, states, best, parent, ran, written, report)
