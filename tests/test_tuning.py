@@ -696,3 +696,24 @@ def test_qmc_sampler_spreads_a_small_study():
     assert a == draws(0) != draws(1)
     quarters = {int((math.log10(lr) + 4) / 2 * 4) for lr in a}  # log10 range -4..-2 in quarters
     assert quarters == {0, 1, 2, 3}
+
+
+def test_trials_fine_tune_from_tune_init_from(tmp_path):
+    """tune.init_from becomes every trial's model.init_from, and the study is tied to the file's
+    content: a retrained model (same path) starts a new study instead of resuming the old one."""
+    from pix2seq.tuning.study import trial_start
+
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights of the first training")
+    cfg = load_config(None, [f"tune.init_from={model}", "tune.lr_max=1e-2"])
+    tcfg = tuning.trial_config(cfg, {"train.lr": 1e-3, "train.batch_repeat": 1}, tmp_path / "trial")
+    assert (
+        tcfg.model.init_from == str(model) and cfg.model.init_from == ""
+    )  # the train stage's own is untouched
+    assert trial_start(cfg) == str(model)
+    assert trial_start(load_config(None, [])) == "random weights"
+    name = tuning.study_name(cfg)
+    assert tuning.study_name(load_config(None, [f"tune.init_from={model}", "tune.lr_max=1e-2"])) == name
+    model.write_bytes(b"weights of a second training")
+    assert tuning.study_name(cfg) != name
+    assert tuning.study_name(load_config(None, ["tune.lr_max=1e-2"])) != name

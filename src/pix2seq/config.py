@@ -327,6 +327,9 @@ class TuneConfig(Section):
     trial_epochs: int = 0
     heartbeat_s: int = field(default=60, metadata=RUNTIME)
     output: str = "reports/best_params.json"
+    # trials fine-tune from this model file (it becomes their model.init_from: official:NAME, a
+    # model.pt or a checkpoint); empty: trials start as the train stage does
+    init_from: str = ""
     # the study's report: summary.json (every trial: parameters, AP, state, minutes and steps trained),
     # trials.csv and the plots as PNG
     report_dir: str = "reports/tune"

@@ -51,7 +51,8 @@ def trial_config(cfg: Config, params: dict[str, Any], output_dir: str | os.PathL
     ``train.epochs`` (no wall-clock limit); else the ``train`` section's budget is used as is.
     The pruner needs intermediate evaluations: when the evaluation period would give fewer than two
     evaluations within the budget, it is lowered to a quarter of the budget. A trial never resumes
-    another run's checkpoints (``train.resume: never``) and never registers a model.
+    another run's checkpoints (``train.resume: never``) and never registers a model; with
+    ``tune.init_from`` it fine-tunes from that model file (its ``model.init_from``).
     """
     d = cfg.to_dict()
     tr, tu = d["train"], cfg.tune
@@ -59,6 +60,8 @@ def trial_config(cfg: Config, params: dict[str, Any], output_dir: str | os.PathL
     tr["batch_repeat"] = int(params[REPEAT_PARAM])
     tr["output_dir"] = str(output_dir)
     tr["resume"] = "never"
+    if tu.init_from:
+        d["model"]["init_from"] = tu.init_from
     if tu.trial_minutes > 0:
         tr["max_minutes"] = float(tu.trial_minutes)
         if tu.trial_epochs > 0:

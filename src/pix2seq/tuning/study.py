@@ -45,6 +45,7 @@ from pix2seq import distributed as dist
 from pix2seq.atomic import atomic_write_text
 from pix2seq.config import Config, config_from_dict, runtime_keys
 from pix2seq.errors import Pix2SeqError
+from pix2seq.fetch import md5_file
 from pix2seq.tracking import studies
 from pix2seq.tuning.budget import StudyBudget, counts
 from pix2seq.tuning.report import study_report, trial_rows, verdict, write_report
@@ -92,7 +93,14 @@ def config_digest(cfg: Config) -> str:
     tcfg = trial_config(cfg, {LR_PARAM: cfg.tune.lr_min, REPEAT_PARAM: cfg.tune.repeat_min}, "trial")
     skip = {*TUNED, "train.output_dir", *runtime_keys(), *_NOT_THE_STUDY, *EVALUATE_ONLY}
     flat = {k: v for k, v in tcfg.flat().items() if k not in skip}
+    # a study of fine-tunes measures the weights they start from, not just the file's name
+    flat["model.init_from"] = [tcfg.model.init_from, _file_digest(tcfg.model.init_from)]
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _file_digest(spec: str) -> str:
+    """MD5 of a local model file (a retrained model starts a new study); "" for official:NAME or none."""
+    return md5_file(Path(spec)) if spec and Path(spec).is_file() else ""
 
 
 def study_name(cfg: Config) -> str:
@@ -329,7 +337,10 @@ def _log_summary(parent: str, best: dict | None, states: dict[str, int], files: 
 
 def trial_start(cfg: Config) -> str:
     """What each trial's weights start from, in words (the study report)."""
-    return "random weights"
+    m = trial_config(cfg, {LR_PARAM: cfg.tune.lr_min, REPEAT_PARAM: cfg.tune.repeat_min}, "trial").model
+    if m.init_from:
+        return m.init_from
+    return "ImageNet backbone weights" if m.pretrained else "random weights"
 
 
 def trial_budget(cfg: Config) -> str:
