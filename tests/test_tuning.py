@@ -649,6 +649,9 @@ def test_report_recommends_only_what_trials_learned(tmp_path):
     report = study_report(plateau, "for 0.5 min", "random weights")
     assert report["recommended"] is False and "recommends nothing" in report["verdict"]
     assert "no recommendation: no trial learned measurably (best AP 0.1)" in format_report(report)
+    assert "tune.init_from" in report["verdict"]  # the advice: start trials from a trained model
+    fine_tuned = study_report(plateau, "for 0.5 min", "runs/train/model.pt", from_model=True)
+    assert fine_tuned["verdict"].endswith("(give trials more time, tune.trial_minutes)")
 
     learned = _study_with([
         ("COMPLETE", 1e-3, 62.0, [30.0, 62.0]),

@@ -86,8 +86,12 @@ def trial_rows(study: optuna.Study) -> list[TrialRow]:
     return rows
 
 
-def verdict(rows: list[TrialRow]) -> tuple[bool, str]:
-    """``(recommended, why)``: may the best complete trial's parameters be recommended?"""
+def verdict(rows: list[TrialRow], from_model: bool = False) -> tuple[bool, str]:
+    """``(recommended, why)``: may the best complete trial's parameters be recommended?
+
+    ``from_model``: the trials already fine-tune from a trained model (``tune.init_from``), so the
+    advice for trials that learned nothing is more time alone.
+    """
     complete = [r for r in rows if r.state == "COMPLETE" and r.ap is not None]
     if not complete:
         return False, "no trial completed, so there is nothing to recommend"
@@ -96,7 +100,11 @@ def verdict(rows: list[TrialRow]) -> tuple[bool, str]:
         return False, (
             f"no trial learned measurably (best AP {best.ap:.1f}): its trials are too short to rank these "
             "parameters, so this study shows how tuning works and recommends nothing (give trials more "
-            "time, tune.trial_minutes, or start them from a trained model, tune.init_from)"
+            + (
+                "time, tune.trial_minutes)"
+                if from_model
+                else "time, tune.trial_minutes, or start them from a trained model, tune.init_from)"
+            )
         )
     scored = [r for r in rows if r.ap is not None and r.state in ("COMPLETE", "PRUNED")]
     worst = min(scored, key=lambda r: r.ap)
@@ -112,13 +120,14 @@ def verdict(rows: list[TrialRow]) -> tuple[bool, str]:
     )
 
 
-def study_report(study: optuna.Study, budget: str, start: str) -> dict[str, Any]:
+def study_report(study: optuna.Study, budget: str, start: str, from_model: bool = False) -> dict[str, Any]:
     """The study as plain data (``summary.json``): what was compared, every trial and the verdict.
 
-    ``budget``: each trial's training budget in words; ``start``: what trials train from.
+    ``budget``: each trial's training budget in words; ``start``: what trials train from
+    (``from_model``: a trained model, ``tune.init_from``).
     """
     rows = trial_rows(study)
-    recommended, why = verdict(rows)
+    recommended, why = verdict(rows, from_model)
     complete = [r for r in rows if r.state == "COMPLETE" and r.ap is not None]
     best = max(complete, key=lambda r: r.ap) if complete else None
     return {

@@ -219,14 +219,15 @@ def open_study(
 # ----------------------------------------------------------------------------- best params
 
 
-def best_params(study: optuna.Study) -> dict[str, Any] | None:
+def best_params(study: optuna.Study, from_model: bool = False) -> dict[str, Any] | None:
     """``{"train.lr", "train.batch_repeat", "AP", "trial", "study", "recommended", "verdict"}`` of the
-    best COMPLETE trial; ``recommended`` is False when no trial learned measurably (:func:`.report.verdict`)."""
+    best COMPLETE trial; ``recommended`` is False when no trial learned measurably (:func:`.report.verdict`;
+    ``from_model``: the trials fine-tune from ``tune.init_from``)."""
     try:
         t = study.best_trial
     except ValueError:
         return None
-    recommended, why = verdict(trial_rows(study))
+    recommended, why = verdict(trial_rows(study), from_model)
     return {
         LR_PARAM: float(t.params[LR_PARAM]),
         REPEAT_PARAM: int(t.params[REPEAT_PARAM]),
@@ -250,7 +251,7 @@ def best_overrides(cfg: Config) -> list[str]:
             f"no study {name} in {mask_url(cfg.tune.storage)}: the configuration changed since the last "
             "tuning, or it never ran; run `make tune` first"
         ) from None
-    best = best_params(study)
+    best = best_params(study, from_model=bool(cfg.tune.init_from or cfg.model.init_from))
     if best is None:
         raise StudyError(f"study {name} has no completed trial yet; run `make tune`")
     if not best["recommended"]:
@@ -596,8 +597,9 @@ def run_study(
     dist.broadcast_object(None)  # the other ranks leave their loop
 
     states = counts(study)
-    best = best_params(study)
-    report = study_report(study, trial_budget(cfg), trial_start(cfg))
+    from_model = bool(cfg.tune.init_from or cfg.model.init_from)
+    best = best_params(study, from_model)
+    report = study_report(study, trial_budget(cfg), trial_start(cfg), from_model)
     written = None
     with tempfile.TemporaryDirectory(prefix="pix2seq-tune-") as tmp:
         folder = Path(tu.report_dir) if write_output else Path(tmp)
