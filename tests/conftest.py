@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
+from http.server import ThreadingHTTPServer
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -78,6 +80,19 @@ def tiny_train_config(root, prepared, out, **over) -> list[str]:
     }
     base.update(over)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+class LocalHTTPServer(ThreadingHTTPServer):
+    """A local test server on 127.0.0.1 that stays quiet when a client hangs up mid-response (the
+    downloader refusing a file, a test cutting a read): socketserver would print a traceback into
+    the test's captured stderr at a moment that depends on thread timing."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
 
 
 @contextlib.contextmanager

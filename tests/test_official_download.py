@@ -9,13 +9,13 @@ import base64
 import hashlib
 import json
 import random
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 import torch
-from conftest import serving
+from conftest import LocalHTTPServer, serving
 
 from pix2seq.checkpoint import load_checkpoint, save_checkpoint
 from pix2seq.config import config_from_dict
@@ -99,8 +99,7 @@ class _Gcs(BaseHTTPRequestHandler):
         self._send(200, json.dumps(out).encode(), {"Content-Type": "application/json"})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(LocalHTTPServer):
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Gcs)

@@ -383,7 +383,9 @@ def test_two_workers_share_one_study(backend, fake, tmp_path, request, mlflow_te
         mlflow_uri = sqlalchemy_url(f"{url}/mlflow")
     _init_mlflow(mlflow_uri, tmp_path)
     n = 6
-    over = _tune_overrides(tmp_path, storage, n_trials=n, **{"tune.lr_max": 3e-3})
+    # heartbeats every 30 s: on a loaded machine a worker can stall past the 2 s grace of
+    # heartbeat_s 1, and the other would fail its trial as lost (that path has its own test)
+    over = _tune_overrides(tmp_path, storage, n_trials=n, **{"tune.lr_max": 3e-3, "tune.heartbeat_s": 30})
     procs = [_spawn(fake, tmp_path, f"worker{i}", over, mlflow_uri, sleep=0.4) for i in range(2)]
     _wait(procs, tmp_path)
 
