@@ -79,7 +79,6 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(LocalHTTPServer):
-
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files: dict[str, bytes] = {}

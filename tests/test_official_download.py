@@ -100,7 +100,6 @@ class _Gcs(BaseHTTPRequestHandler):
 
 
 class _Server(LocalHTTPServer):
-
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Gcs)
         rnd = random.Random(0)
