@@ -27,6 +27,7 @@ __all__ = [
     "draw_detections",
     "plot_pr_curve",
     "prediction_grid",
+    "save_figure",
     "save_grid",
     "save_image",
     "write_per_class_table",
@@ -51,7 +52,8 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save_fig(fig: Any, path: PathLike, dpi: int = 120) -> Path:
+def save_figure(fig: Any, path: PathLike, dpi: int = 120) -> Path:
+    """A matplotlib figure as an image file (format from the suffix), written atomically, then closed."""
     plt = _pyplot()
     try:
         with atomic_path(path) as tmp:
@@ -90,7 +92,7 @@ def plot_pr_curve(result: CocoResult, path: PathLike, per_class: bool = True, ma
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="Precision-recall")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
-    return _save_fig(fig, path)
+    return save_figure(fig, path)
 
 
 def write_pr_curve_csv(result: CocoResult, path: PathLike) -> Path:

@@ -27,6 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pix2seq.atomic import atomic_write_text
+from pix2seq.evaluation.plots import save_figure
 from pix2seq.tuning.space import LR_PARAM, REPEAT_PARAM, TUNED
 
 log = logging.getLogger(__name__)
@@ -173,10 +174,7 @@ def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
                 ax = draw()
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             fig.set_size_inches(9, 5.5)
-            path = folder / f"{name}.png"
-            fig.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(fig)
-            saved.append(path)
+            saved.append(save_figure(fig, folder / f"{name}.png", dpi=100))
         except Exception as e:  # noqa: BLE001 - e.g. importance with one distinct value
             log.warning("plot %s skipped: %s: %s", name, type(e).__name__, e)
             plt.close("all")
@@ -196,8 +194,7 @@ def write_report(
         (folder / f"{name}.png").unlink(missing_ok=True)
     files = [atomic_write_text(folder / "summary.json", json.dumps(report, indent=2) + "\n")]
     try:
-        study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
-        files.append(folder / "trials.csv")
+        files.append(atomic_write_text(folder / "trials.csv", study.trials_dataframe().to_csv(index=False)))
     except Exception as e:  # noqa: BLE001
         log.warning("trials table not written: %s", e)
     if plots:
