@@ -722,3 +722,16 @@ def test_trials_fine_tune_from_tune_init_from(tmp_path):
     model.write_bytes(b"weights of a second training")
     assert tuning.study_name(cfg) != name
     assert tuning.study_name(load_config(None, ["tune.lr_max=1e-2"])) != name
+
+
+def test_a_missing_model_to_fine_tune_fails_before_any_trial(tmp_path):
+    """tune.init_from naming no file is one StudyError naming the key, before a study or trial exists."""
+    db = tmp_path / "optuna.db"
+    cfg = load_config(None, [f"tune.init_from={tmp_path / 'none.pt'}", f"tune.storage=sqlite:///{db}"])
+
+    def train(*_):
+        raise AssertionError("no trial may run")
+
+    with pytest.raises(tuning.StudyError, match=r"^tune.init_from: .*none.pt: no such file"):
+        tuning.run_study(cfg, train_fn=train, runs_dir=tmp_path / "runs")
+    assert not db.exists()

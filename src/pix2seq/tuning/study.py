@@ -67,6 +67,7 @@ from pix2seq.tuning.storage import (
     mask_url,
     retried_from,
 )
+from pix2seq.weights.official import PREFIX as OFFICIAL_PREFIX
 
 if TYPE_CHECKING:
     from pix2seq.training import TrainHooks, TrainResult
@@ -101,6 +102,17 @@ def config_digest(cfg: Config) -> str:
 def _file_digest(spec: str) -> str:
     """MD5 of a local model file (a retrained model starts a new study); "" for official:NAME or none."""
     return md5_file(Path(spec)) if spec and Path(spec).is_file() else ""
+
+
+def _check_init_from(cfg: Config) -> None:
+    """A missing local model file to fine-tune from fails the study before its first trial (every
+    trial would fail on it); official:NAME is resolved by each trial (downloaded once, cached)."""
+    spec = trial_config(
+        cfg, {LR_PARAM: cfg.tune.lr_min, REPEAT_PARAM: cfg.tune.repeat_min}, "trial"
+    ).model.init_from
+    if spec and not spec.startswith(OFFICIAL_PREFIX) and not Path(spec).is_file():
+        key = "tune.init_from" if cfg.tune.init_from else "model.init_from"
+        raise StudyError(f"{key}: {spec}: no such file (train that model first: dvc repro train)")
 
 
 def study_name(cfg: Config) -> str:
@@ -472,6 +484,7 @@ def run_study(
         return None
 
     tu = cfg.tune
+    _check_init_from(cfg)
     name = study_name(cfg)
     if storage is None:
         storage = make_storage(tu.storage, tu.heartbeat_s, grace_period_s, max_retry)
