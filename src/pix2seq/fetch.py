@@ -121,7 +121,7 @@ def verified_record(dest: Path) -> dict | None:
 
 def is_verified(dest: Path, spec: ArchiveSpec) -> bool:
     """True when ``dest`` carries a marker written after verification and is unchanged since."""
-    m = read_marker(_marker_path(dest))
+    m = verified_record(dest)
     if not m or not dest.is_file():
         return False
     st = dest.stat()
@@ -325,7 +325,7 @@ def download_file(
         log.info("%s: already downloaded and verified", dest)
         return dest
     if dest.exists():  # present but never verified here (copied in by hand?): check it once
-        if _verify(dest, spec, verify_checksums, progress, remove=False):
+        if _verify(dest, spec, verify_checksums, progress):
             return dest
         log.warning("%s: does not match the published size/checksum; downloading it again", dest)
         dest.unlink()
@@ -446,7 +446,7 @@ def download_file(
     return dest
 
 
-def _verify(dest: Path, spec: ArchiveSpec, verify_checksums: bool, progress: bool, remove: bool) -> bool:
+def _verify(dest: Path, spec: ArchiveSpec, verify_checksums: bool, progress: bool) -> bool:
     size = dest.stat().st_size
     if spec.size is not None and size != spec.size:
         ok = False
@@ -456,6 +456,4 @@ def _verify(dest: Path, spec: ArchiveSpec, verify_checksums: bool, progress: boo
         ok = digest is None or digest == spec.md5
     if ok:
         _write_verified(dest, digest)
-    elif remove:
-        dest.unlink()
     return ok

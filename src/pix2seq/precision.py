@@ -28,7 +28,6 @@ import functools
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pix2seq.atomic import atomic_write_text
 from pix2seq.config import ConfigError
 from pix2seq.errors import Pix2SeqError
 
@@ -177,11 +177,7 @@ def _measured(path: Path) -> dict:
     entry = measure()
     entries[key] = entry
     try:  # atomic: concurrent processes (ranks) each write a whole file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(entries, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(entries, indent=1))
     except OSError:
         pass  # a read-only home: measure again next time
     return entry

@@ -90,7 +90,7 @@ def noise_boxes(
         if can_shift and tcfg.noise_random:
             shifted = _uniform((n_bad,), generator) < 0.5
         else:
-            # only one kind (or none) is enabled: the bad boxes are all of the enabled kind
+            # only one kind is enabled: the bad boxes are all of it
             shifted = torch.full((n_bad,), can_shift)
         cy, cx = _uniform((n_bad,), generator), _uniform((n_bad,), generator)
         rand_hw = truncated_normal((n_bad, 2), 0.5, generator).abs()
@@ -174,8 +174,8 @@ def build_sequence(
     noise = real.new_zeros((0, 4))
     if train and tcfg.augment_sequence and n < m:
         # draw in the image's frame, then map back onto the canvas: no noise box on the padding
-        hw = torch.tensor([extent[1], extent[0]] * 2)  # (4,) w h w h
-        noise = noise_boxes((real / hw).clamp(0.0, 1.0), m - n, tcfg, generator) * hw
+        wh = torch.tensor([extent[1], extent[0]] * 2)  # (4,) w h w h
+        noise = noise_boxes((real / wh).clamp(0.0, 1.0), m - n, tcfg, generator) * wh
         noise = _sort_corners(noise)
     k = noise.shape[0]
     if tcfg.noise_class == "noise":

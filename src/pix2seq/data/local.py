@@ -29,8 +29,7 @@ class LocalDataError(Pix2SeqError):
 
 
 def _existing(key: str, raw: str, kind: str) -> Path:
-    path = Path(raw).expanduser()
-    path = (path if path.is_absolute() else Path.cwd() / path).resolve()
+    path = Path(raw).expanduser().resolve()  # a relative path: from the current folder
     if kind == "file" and not path.is_file():
         raise LocalDataError(f"data.local.{key}: {path}: no such file (a COCO instances JSON)")
     if kind == "dir" and not path.is_dir():

@@ -44,22 +44,13 @@ class InitFromError(ConfigError):
     """``model.init_from`` names a file whose weights cannot start this run; one line, key first."""
 
 
-def _vocab_fields(vocab: Vocab) -> dict[str, Any]:
-    return {
-        "layout": getattr(vocab, "layout", "compact"),
-        "num_classes": vocab.num_classes,
-        "bins": vocab.bins,
-        "vocab_size": vocab.vocab_size,
-    }
-
-
 def vocabulary_mismatch(stored: dict[str, Any], vocab: Vocab) -> str | None:
     """Why a file's token layout cannot serve this run's (None when its token ids mean the same).
 
     Compact layouts must agree on the number of categories (class and coordinate ids follow from it);
     the official layout fixes every id (class = 100 + category id), so any dataset fits.
     """
-    here = _vocab_fields(vocab)
+    here = vocab.to_dict()
     there = {
         "layout": stored.get("layout", "compact"),
         **{k: stored.get(k) for k in ("num_classes", "bins", "vocab_size")},
@@ -129,7 +120,7 @@ def load_initial_weights(model: nn.Module, cfg: Config, vocab: Vocab, categories
         ckpt = load_checkpoint(path, map_location="cpu")
     except CheckpointError as e:
         raise InitFromError(f"{where}: {e}") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or "vocab" not in ckpt:
+    if not isinstance(ckpt.get("model"), dict) or "vocab" not in ckpt:
         raise InitFromError(
             f"{where}: not a pix2seq model file or checkpoint (no 'model' and 'vocab' entries)"
         )
@@ -149,7 +140,7 @@ def load_initial_weights(model: nn.Module, cfg: Config, vocab: Vocab, categories
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)  # BN counters aside
     stored_names = [str(c.get("name")) for c in ckpt.get("categories", [])]
     names = [str(c.get("name")) for c in categories]
-    if stored_names and stored_names != names and _vocab_fields(vocab)["layout"] == "compact":
+    if stored_names and stored_names != names and vocab.layout == "compact":
         log.warning(
             "%s: its categories %s are not this dataset's %s; label i continues label i",
             where,

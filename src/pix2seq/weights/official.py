@@ -39,7 +39,7 @@ from typing import Literal
 
 import requests
 
-from pix2seq.config import atomic_write_text
+from pix2seq.atomic import atomic_path, atomic_write_text
 from pix2seq.errors import Pix2SeqError
 from pix2seq.fetch import ArchiveSpec, DownloadError, download_file, md5_hex_from_base64
 
@@ -275,12 +275,8 @@ def _default_converter() -> Converter:
 def convert(model: OfficialModel, prefix: Path, out: Path, converter: Converter | None = None) -> Path:
     """Convert the checkpoint at ``prefix`` into ``out`` (all or nothing) and record its source."""
     convert_fn = converter or _default_converter()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         convert_fn(prefix, model.arch, model.image_size, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     source = {"name": model.name, "bucket_folder": model.folder, "checkpoint": prefix.name}
     atomic_write_text(_source_marker(out), json.dumps(source, indent=2) + "\n")
     return out
