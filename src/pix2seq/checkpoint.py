@@ -350,6 +350,11 @@ class CheckpointManager:
     def best_path(self) -> Path:
         return self.dir / self.BEST
 
+    @property
+    def best_or_last_path(self) -> Path:
+        """The best checkpoint where one was kept, else the last."""
+        return self.best_path if self.best_path.exists() else self.last_path
+
     def step_path(self, step: int) -> Path:
         return self.dir / f"ckpt-{int(step)}.pt"
 

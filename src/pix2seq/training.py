@@ -37,7 +37,7 @@ from pix2seq.engine import TrainState, evaluate_model, train_one_epoch
 from pix2seq.model import build_model
 from pix2seq.optim import build_optimizer, build_schedule
 from pix2seq.precision import choose as choose_precision
-from pix2seq.tracking import RunTracker, readable_run_name
+from pix2seq.tracking import RunTracker
 from pix2seq.weights.init import load_initial_weights
 
 
@@ -262,7 +262,7 @@ def make_tracker(run: Run, resumed: bool) -> RunTracker:
     return RunTracker(
         run.cfg,
         enabled=info.is_main,
-        run_name=hooks.run_name or readable_run_name("train"),
+        run_name=hooks.run_name,
         run_id_file=run.out / "mlflow_run_id",
         resume=resumed,
         parent_run_id=hooks.parent_run_id,
@@ -447,7 +447,7 @@ def write_outputs(run: Run, metrics: dict[str, float]) -> None:
     write_history(run.out / "plots", state.history)
     run.tracker.log_metrics({"val/best_AP": state.best_metric}, step=state.global_step)
     run.tracker.log_artifact(run.out / "train_summary.json")
-    best = run.checkpoints.best_path if run.checkpoints.best_path.exists() else run.checkpoints.last_path
+    best = run.checkpoints.best_or_last_path
     if best.exists():
         export_model_file(best, run.out / "model.pt")
 

@@ -57,8 +57,7 @@ def checkpoint_for(cfg: Config) -> Path:
     exported = Path(cfg.train.output_dir) / "model.pt"
     if exported.exists():
         return exported
-    manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints")
-    return manager.best_path if manager.best_path.exists() else manager.last_path
+    return CheckpointManager(Path(cfg.train.output_dir) / "checkpoints").best_or_last_path
 
 
 def load_trained_model(cfg: Config, path: Path) -> tuple[nn.Module, Vocab, Config, dict[str, Any]]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pix2seq.errors import Pix2SeqError, first_line
-from pix2seq.tracking.store import default_registry_uri, default_tracking_uri, mlflow_client, sqlite_path
+from pix2seq.tracking.store import default_tracking_uri, mlflow_client, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,9 @@ def register_model(
     return str(mv.version)
 
 
-def _version_ap(client: Any, name: str, version: str) -> float | None:
-    raw = client.get_model_version(name, version).tags.get("AP")
+def _version_ap(tags: Mapping[str, str]) -> float | None:
+    """The ``AP`` tag of a model version, None when missing or not a number."""
+    raw = tags.get("AP")
     try:
         value = float(raw) if raw is not None else None
     except ValueError:
@@ -104,7 +105,7 @@ def promote_champion(name: str, version: str | int, *, tracking_uri: str | None 
     client = mlflow_client(tracking_uri)
     version = str(version)
     mv = client.get_model_version(name, version)
-    task, ap = mv.tags.get("task"), _version_ap(client, name, version)
+    task, ap = mv.tags.get("task"), _version_ap(mv.tags)
     if not task or ap is None:
         raise ValueError(f"{name} v{version}: no 'task' and 'AP' tags (register it with register_model)")
     alias = champion_alias(task)
@@ -123,7 +124,7 @@ def promote_champion(name: str, version: str | int, *, tracking_uri: str | None 
                 current.version,
             )
         else:
-            incumbent = _version_ap(client, name, str(current.version))
+            incumbent = _version_ap(current.tags)
             if incumbent is not None and ap <= incumbent:
                 log.info(
                     "%s v%s: AP %.2f does not beat %s v%s (%.2f)",
@@ -305,9 +306,8 @@ def resolve_model(spec: str, download_dir: Path, tracking_uri: str | None = None
         raise ModelNotFound(
             f"model {spec}: no MLflow store at {db} (set MLFLOW_TRACKING_URI or --tracking-uri)"
         )
-    registry = default_registry_uri(uri)
     try:
-        client = mlflow_client(uri, registry)
+        client = mlflow_client(uri)
         target, note = _champion_uri(spec, client)
         local = _download(target, client, download_dir, uri)
     except Pix2SeqError:
