@@ -121,12 +121,11 @@ class CompiledStep:
         cache = self.cache
         if t >= cache.max_len:
             raise ValueError(f"the cache holds {cache.max_len} positions; position {t} is past its end")
-        cache.tokens[:, t] = tokens
+        bias = self.model().record_step_token(tokens, cache, t)
         self.tokens.copy_(tokens)
         self.pos.fill_(t)
         if self.bias is not None:  # box attention: the prior of the box just named, at class positions
-            if t % 5 == 4:
-                bias = self.model().box_attention_bias(cache.tokens[:, t - 3 : t + 1], cache.memory_len)
+            if bias is not None:
                 self.bias.copy_(bias)
             elif t % 5 == 0:
                 self.bias.zero_()

@@ -211,12 +211,17 @@ class Pix2Seq(nn.Module):
         """``tokens (B,)`` at position ``cache.pos`` -> next-token logits ``(B, V)``; advances the cache."""
         t = cache.pos
         x = F.embedding(tokens, self.token_embed.weight) + self.pos_embed[t]
+        bias = self.record_step_token(tokens, cache, t)
+        return cache.logits(decoder_step(x, cache, bias))
+
+    def record_step_token(self, tokens: Tensor, cache: StepCache, t: int) -> Tensor | None:
+        """Keep ``tokens (B,)`` at position ``t`` of ``cache``; at a class position with box attention,
+        the cross-attention bias ``(B, S)`` of the box just named, else None."""
         if t < cache.max_len:
             cache.tokens[:, t] = tokens
-        bias = None
         if self.cfg.box_attention and t % 5 == 4:
-            bias = self.box_attention_bias(cache.tokens[:, t - 3 : t + 1], cache.memory_len)
-        return cache.logits(decoder_step(x, cache, bias))
+            return self.box_attention_bias(cache.tokens[:, t - 3 : t + 1], cache.memory_len)
+        return None
 
     def decode_step_static(
         self, tokens: Tensor, pos: Tensor, cache: StepCache, cross_bias: Tensor | None = None
