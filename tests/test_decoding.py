@@ -14,7 +14,9 @@ from torch import nn
 
 from pix2seq.config import Config, ModelConfig
 from pix2seq.decoding import GenerationOutput, generate, nucleus_mask
+from pix2seq.detect import decode
 from pix2seq.model import build_model
+from pix2seq.precision import Choice
 from pix2seq.vocab import NOISE, Vocab
 
 NUM_CLASSES, BINS, MAX_INSTANCES, SIZE = 4, 32, 5, 64
@@ -377,6 +379,44 @@ def test_bf16_autocast(imgs, box_attention):
         assert out.class_probs.dtype == torch.float32
         assert vocab.is_coord(out.tokens[:, 0]).all()
         assert torch.isfinite(out.class_probs).all()
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_a_bf16_encoder_with_float32_steps(imgs, method):
+    """step_autocast=False: the encoder runs under bf16 autocast, every decoding step in float32 (the
+    precision a CPU measured faster at a small batch): the same outputs as float32 decoding of the
+    bf16 encoder's memory, and not those of bf16 steps."""
+    model, vocab = _make()
+    kw = dict(method=method, beam_size=3)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        memory = model.encode(imgs)
+    mixed = generate(model, imgs, vocab, N, autocast_dtype=torch.bfloat16, step_autocast=False, **kw)
+    _varied(mixed.tokens, vocab)
+    _assert_same(mixed, generate(model, None, vocab, N, memory=memory.float(), **kw))
+    bf16 = generate(model, imgs, vocab, N, autocast_dtype=torch.bfloat16, **kw)
+    assert not torch.allclose(mixed.class_probs, bf16.class_probs, atol=1e-5)
+
+
+def test_evaluation_decodes_in_the_step_precision_measured_for_its_rows(imgs):
+    """detect.decode asks the precision choice for the step's dtype at batch x beams rows."""
+    model, vocab = _make()
+    cfg = Config()
+    cfg.tokenizer.max_instances = N
+    cfg.eval.beam_size = 3
+    choice = Choice(torch.bfloat16, "test", step_fp32_rows=(1,))  # fp32 steps near 1 row, bf16 near 16
+    ones = torch.ones(3), torch.full((3, 2), SIZE)
+    kw = dict(
+        coord_window=cfg.eval.coord_window, constrained=cfg.eval.constrained, autocast_dtype=torch.bfloat16
+    )
+    for method, step_autocast in (("greedy", False), ("beam", True)):  # 3 rows -> 1; 9 rows -> 16
+        cfg.eval.decoding = method
+        got = decode(model, imgs, vocab, cfg, *ones, choice)
+        ref = generate(model, imgs, vocab, N, method=method, beam_size=3, step_autocast=step_autocast, **kw)
+        other = generate(
+            model, imgs, vocab, N, method=method, beam_size=3, step_autocast=not step_autocast, **kw
+        )
+        torch.testing.assert_close(got.class_probs, ref.class_probs, atol=1e-6, rtol=0)
+        assert not torch.allclose(got.class_probs, other.class_probs, atol=1e-5)
 
 
 @pytest.mark.parametrize("box_attention", [False, True])

@@ -20,7 +20,13 @@ def measured(monkeypatch, tmp_path):
     monkeypatch.setenv(precision.CACHE_ENV, str(cache))
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     calls = []
-    result = {"fp32_per_s": 10.0, "bf16_per_s": 20.0, "channels_last_fp32": True, "channels_last_bf16": True}
+    result = {
+        "fp32_per_s": 10.0,
+        "bf16_per_s": 20.0,
+        "channels_last_fp32": True,
+        "channels_last_bf16": True,
+        "step_ms": {"fp32": {"1": 4.0, "16": 18.0}, "bf16": {"1": 6.0, "16": 12.0}},
+    }
 
     def fake() -> dict:
         calls.append(1)
@@ -53,8 +59,11 @@ def test_auto_on_cpu_follows_the_measurement_and_caches_it(measured):
         "precision.fp32_per_s": "10.000",
         "precision.bf16_per_s": "20.000",
         "precision.channels_last": "true",
+        "precision.step_fp32_rows": "1",
     }
-    assert "fp32 10.00/s, bf16 20.00/s" in c.describe()
+    assert "fp32 10.00/s, bf16 20.00/s" in c.describe() and "decode step fp32 at 1 row" in c.describe()
+    # the decode step: float32 where it measured faster, at the measured size nearest in log scale
+    assert [c.step_dtype(r) for r in (1, 2, 4, 5, 16, 64)] == [None] * 3 + [torch.bfloat16] * 3
     # written once, keyed by CPU model and torch version; a new process reads it back
     entries = json.loads(cache.read_text())
     (key,) = entries
@@ -68,7 +77,16 @@ def test_auto_on_cpu_follows_the_measurement_and_caches_it(measured):
     precision._choose.cache_clear()
     c = choose("auto", "cpu")
     assert c.dtype is None and not c.channels_last and c.reason == "measured on this CPU: fp32 faster"
+    assert c.step_dtype(16) is None and "precision.step_fp32_rows" not in c.tags()
     assert len(calls) == 1
+    # train.amp: bf16 is bf16 at every step; an entry from before the step was timed is measured again
+    precision._choose.cache_clear()
+    assert choose("bf16", "cpu").step_dtype(1) is torch.bfloat16
+    del entries[key]["step_ms"]
+    cache.write_text(json.dumps(entries))
+    precision._choose.cache_clear()
+    choose("auto", "cpu")
+    assert len(calls) == 2 and "step_ms" in json.loads(cache.read_text())[key]
 
 
 def test_forced_and_unsupported_cpus_do_not_measure(measured, monkeypatch):
@@ -99,4 +117,8 @@ def test_the_real_measurement_runs_both_precisions():
     m = precision.measure(rounds=1)
     assert m["fp32_per_s"] > 0 and m["bf16_per_s"] > 0
     assert isinstance(m["channels_last_bf16"], bool)
+    step = m["step_ms"]
+    assert {dtype: sorted(step[dtype]) for dtype in step} == {"fp32": ["1", "16"], "bf16": ["1", "16"]}
+    assert all(0 < ms < 1000 for d in step.values() for ms in d.values())
+    assert step["fp32"]["16"] > step["fp32"]["1"]  # 16 rows are more work than one
     assert torch.get_num_threads() == 1  # restored (conftest runs one thread)

@@ -5,7 +5,7 @@
     out = generate(model, images, vocab, num_objects, method="greedy"|"nucleus"|"beam",
                    top_p=0.4, temperature=1.0, beam_size=4, constrained=True,
                    cache="full"|"self"|"none", generator=None, autocast_dtype=None,
-                   coord_window=0.0, step="auto"|"eager"|"graph"|"compile")
+                   coord_window=0.0, step="auto"|"eager"|"graph"|"compile", step_autocast=True)
     out.tokens       # (B, 5 * num_objects) long, the prompt excluded
     out.class_probs  # (B, num_objects, C) float32: P(class) at every class position
     out.coords       # (B, num_objects, 4) float32: ymin, xmin, ymax, xmax in bins (0 .. bins - 1)
@@ -90,6 +90,7 @@ def generate(
     memory: Tensor | None = None,
     coord_window: float = 0.0,
     step: str = "auto",
+    step_autocast: bool = True,
 ) -> GenerationOutput:
     """Decode ``5 * num_objects`` tokens after the prompt for every image.
 
@@ -99,6 +100,10 @@ def generate(
     ``torch.bfloat16``) runs the model under autocast; selection and probabilities are float32.
     ``coord_window``: the coordinate readout's window, a fraction of the coordinate range (module
     docstring; 0 = the token's bin). ``step``: how the cached designs run a step (module docstring).
+    ``step_autocast``: False runs the decoding steps in float32 while the encoder keeps
+    ``autocast_dtype`` (where the float32 step is the faster one at this many rows, as on CPUs whose
+    bf16 kernels cost more per call than they save on a small batch:
+    :meth:`pix2seq.precision.Choice.step_dtype`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -125,14 +130,13 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        amp = (
-            torch.autocast(device_type=device.type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), amp:
+        step_dtype = autocast_dtype if step_autocast else None
+        with torch.inference_mode(), _autocast(device, step_dtype):
             if memory is None:
-                memory = model.encode(images)
+                with _autocast(device, autocast_dtype):
+                    memory = model.encode(images)
+            if autocast_dtype is not None and step_dtype is None:
+                memory = memory.float()  # the steps' float32 cache
             b = memory.shape[0]
             num_classes = vocab.num_classes
             biases = _position_biases(vocab, device) if constrained else None
@@ -162,6 +166,10 @@ def generate(
 
 
 # ------------------------------------------------------------------------------------ internals
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _position_biases(vocab: Vocab, device: torch.device) -> tuple[Tensor, Tensor]:

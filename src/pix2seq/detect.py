@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from pix2seq.config import Config
 from pix2seq.decoding import generate
+from pix2seq.precision import Choice
 from pix2seq.tokenizer import tokens_to_detections
 from pix2seq.vocab import Vocab
 
@@ -55,7 +56,7 @@ def decode(
     cfg: Config,
     scale: Tensor,
     orig_size: Tensor,
-    autocast_dtype: torch.dtype | None = None,
+    precision: Choice | None = None,
 ) -> Decoded:
     """Decode ``cfg.tokenizer.max_instances`` objects per image as ``cfg.eval`` says, without
     waiting for the device: the outputs' copies to the host are queued behind the decode.
@@ -64,8 +65,12 @@ def decode(
         canvas: ``(B, 3, S, S)`` padded canvases (uint8, or float in [0, 1] with ``model.pixels:
             official``), on the model's device.
         scale: ``(B,)`` canvas pixels per original pixel; orig_size: ``(B, 2)`` (height, width).
+        precision: the encoder's autocast dtype and the decode step's for this many rows
+            (:func:`pix2seq.precision.choose`); None: float32.
     """
     ecfg = cfg.eval
+    amp = precision.dtype if precision is not None else None
+    rows = canvas.shape[0] * (ecfg.beam_size if ecfg.decoding == "beam" else 1)
     out = generate(
         model,
         canvas,
@@ -77,8 +82,9 @@ def decode(
         beam_size=ecfg.beam_size,
         constrained=ecfg.constrained,
         coord_window=ecfg.coord_window,
-        autocast_dtype=autocast_dtype,
+        autocast_dtype=amp,
         step=ecfg.step,
+        step_autocast=amp is not None and precision.step_dtype(rows) is not None,
     )
     host = [t.to("cpu", non_blocking=True) for t in (out.tokens, out.class_probs.float(), out.coords)]
     ready = None

@@ -26,6 +26,7 @@ from pix2seq.errors import Pix2SeqError
 from pix2seq.evaluation.coco import CocoResult, coco_evaluate, detections_to_coco
 from pix2seq.optim import WarmupLinearSchedule
 from pix2seq.precision import autocast_dtype
+from pix2seq.precision import choose as choose_precision
 from pix2seq.vocab import Vocab
 
 if TYPE_CHECKING:
@@ -219,7 +220,7 @@ def predict_batches(
         ({image, pred, gt}) for the prediction grid.
     """
     model.eval()
-    amp = autocast_dtype(cfg.train.amp, device)
+    precision = choose_precision(cfg.train.amp, device)
     results: list[dict] = []
     seen: list[int] = []
     samples: list[dict] = []
@@ -248,7 +249,7 @@ def predict_batches(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pix2seq-postprocess") as post:
         for batch in loader:
             images = batch["image"].to(device, non_blocking=device.type == "cuda")
-            decoded = decode(model, images, vocab, cfg, batch["scale"], batch["orig_size"], amp)
+            decoded = decode(model, images, vocab, cfg, batch["scale"], batch["orig_size"], precision)
             if decoded.compile_s:
                 tqdm.write(f"evaluate: decode step built in {decoded.compile_s:.1f} s (once per batch shape)")
             if pending is not None:

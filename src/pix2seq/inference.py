@@ -17,7 +17,8 @@ from pix2seq.engine import eval_batch_size
 from pix2seq.errors import Pix2SeqError
 from pix2seq.files import FileReadError, read_regular
 from pix2seq.model import build_model
-from pix2seq.precision import autocast_dtype, use_channels_last
+from pix2seq.precision import choose as choose_precision
+from pix2seq.precision import use_channels_last
 from pix2seq.vocab import Vocab
 
 
@@ -126,7 +127,7 @@ class Predictor:
         self.model, _ = build_model(_inference_build_config(self.cfg), self.vocab)
         self.model.load_state_dict(ckpt["model"])
         self.model.to(self.device).eval()
-        self.amp = autocast_dtype(self.cfg.train.amp, self.device)
+        self.precision = choose_precision(self.cfg.train.amp, self.device)
         if use_channels_last(self.cfg.train.amp, self.device):
             self.model.to(memory_format=torch.channels_last)  # the encoder's convolutions run faster
         self.canvas = self.cfg.data.image_size
@@ -149,7 +150,7 @@ class Predictor:
             canvas = torch.stack([p[0] for p in prepped]).to(self.device)
             scale = torch.tensor([p[1] for p in prepped])
             orig = torch.tensor([[img.shape[1], img.shape[2]] for img in chunk])
-            for d in detect(self.model, canvas, self.vocab, self.cfg, scale, orig, self.amp):
+            for d in detect(self.model, canvas, self.vocab, self.cfg, scale, orig, self.precision):
                 keep = d["scores"] >= score_threshold
                 labels = d["labels"][keep].tolist()
                 out.append(
