@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import decode, gpu, run_all  # noqa: E402
+from bench import decode, gpu, run_all, step_floor  # noqa: E402
 from bench.run_all import TINY_DECODE, TINY_MODEL_SET  # noqa: E402
 
 
@@ -123,6 +123,18 @@ def test_coco_eval_and_gpu_sections(report):
     if not torch.cuda.is_available():
         assert rep["gpu"] is None
         assert "no GPU" in table
+
+
+def test_step_floor_times_the_parts_of_a_step(capsys):
+    assert (
+        step_floor.main(["--rows", "2", "--dtypes", "fp32", "--repeats", "1", "--filled", "8", "--json"]) == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["rows"]
+    assert (row["rows"], row["dtype"]) == (2, "fp32")
+    assert all(row[k] > 0 for k in ("linears_ms", "attention_ms", "overhead_ms", "step_ms"))
+    assert row["products_ms"] == pytest.approx(row["linears_ms"] + row["attention_ms"], abs=2e-3)
+    assert len(step_floor.linear_shapes()) == 37  # 6 per layer and the output head
 
 
 @pytest.mark.parametrize("batch", ["1", "2"])

@@ -290,35 +290,51 @@ def _measure(rounds: int) -> dict:
     }
 
 
-def _step_ms(rounds: int, steps: int = 8, filled: int = 256) -> dict:
+def _step_ms(rounds: int) -> dict:
+    """:func:`step_ms` at each of :data:`STEP_ROWS` rows in float32 and bf16, best of ``rounds``."""
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(rounds):
+        for rows in STEP_ROWS:
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                ms = step_ms(rows, dtype)
+                best[name, rows] = min(best.get((name, rows), float("inf")), ms)
+    return {name: {str(r): round(best[name, r], 3) for r in STEP_ROWS} for name in ("fp32", "bf16")}
+
+
+def step_ms(
+    rows: int,
+    dtype: torch.dtype,
+    filled: int = 256,
+    steps: int = 8,
+    d_model: int = 256,
+    heads: int = 8,
+    mlp_dim: int = 1024,
+    layers: int = 6,
+    cells: int = 400,
+    vocab: int = 1083,
+) -> float:
     """Thread CPU milliseconds of one decode step (:func:`~pix2seq.model.transformer.decoder_step`
-    and the output projection) of a COCO-shaped decoder at each of :data:`STEP_ROWS` rows, in
-    float32 and under bf16 autocast, ``filled`` positions already cached; best of ``rounds``."""
+    and the output projection) of a decoder of this shape (default: COCO's) at ``rows`` rows, in
+    float32 or under bf16 autocast, ``filled`` positions already cached; the mean of ``steps``
+    after a warm-up, random weights."""
     from pix2seq.model.transformer import Decoder, StepCache, decoder_step
 
     g = torch.Generator().manual_seed(0)
-    d, cells, vocab = 256, 400, 1083
-    decoder = Decoder(6, d, 8, 1024).eval()
-    head = (torch.randn(vocab, d, generator=g) * 0.02, torch.zeros(vocab))
-    best: dict[tuple[str, int], float] = {}
-    with torch.inference_mode():
-        for _ in range(rounds):
-            for rows in STEP_ROWS:
-                memory = torch.randn(rows, cells, d, generator=g)
-                x = torch.randn(rows, d, generator=g)
-                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
-                        cache = StepCache(decoder, memory, filled + steps + 1, dtype, project=True, head=head)
-                        cache.k.zero_()  # the positions "already cached" hold finite values
-                        cache.v.zero_()
-                        cache.pos = filled
-                        cache.logits(decoder_step(x, cache))  # warm-up: oneDNN builds its kernels
-                        t = time.thread_time()
-                        for _ in range(steps):
-                            cache.logits(decoder_step(x, cache))
-                        ms = (time.thread_time() - t) / steps * 1e3
-                    best[name, rows] = min(best.get((name, rows), float("inf")), ms)
-    return {name: {str(r): round(best[name, r], 3) for r in STEP_ROWS} for name in ("fp32", "bf16")}
+    decoder = Decoder(layers, d_model, heads, mlp_dim).eval()
+    head = (torch.randn(vocab, d_model, generator=g) * 0.02, torch.zeros(vocab))
+    memory = torch.randn(rows, cells, d_model, generator=g)
+    x = torch.randn(rows, d_model, generator=g)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with torch.inference_mode(), amp:
+        cache = StepCache(decoder, memory, filled + steps + 1, dtype, project=True, head=head)
+        cache.k.zero_()  # the positions "already cached" hold finite values
+        cache.v.zero_()
+        cache.pos = filled
+        cache.logits(decoder_step(x, cache))  # warm-up: oneDNN builds its kernels
+        t = time.thread_time()
+        for _ in range(steps):
+            cache.logits(decoder_step(x, cache))
+        return (time.thread_time() - t) / steps * 1e3
 
 
 __all__ = [
