@@ -18,7 +18,6 @@ from pix2seq.errors import Pix2SeqError
 from pix2seq.files import FileReadError, read_regular
 from pix2seq.model import build_model
 from pix2seq.precision import choose as choose_precision
-from pix2seq.precision import use_channels_last
 from pix2seq.vocab import Vocab
 
 
@@ -128,7 +127,7 @@ class Predictor:
         self.model.load_state_dict(ckpt["model"])
         self.model.to(self.device).eval()
         self.precision = choose_precision(self.cfg.train.amp, self.device)
-        if use_channels_last(self.cfg.train.amp, self.device):
+        if self.precision.channels_last:
             self.model.to(memory_format=torch.channels_last)  # the encoder's convolutions run faster
         self.canvas = self.cfg.data.image_size
         self.batch_size = eval_batch_size(self.cfg.eval.batch_size, self.device, self.canvas)
