@@ -131,7 +131,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="positions already in the self-attention cache (500 tokens: 250 on average)",
     )
     ap.add_argument("--repeats", type=int, default=20, help="timed runs of each part (the best is kept)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if min(args.rows) < 1 or args.repeats < 1 or args.filled < 0:
+        ap.error("--rows and --repeats must be >= 1, --filled >= 0")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,8 +25,9 @@ The decode step: where ``auto`` chose bf16 on a CPU, the measurement also times 
 COCO-shaped decoder (6 layers, d 256, 400 memory cells, 1,083 tokens, 256 positions filled) at
 :data:`STEP_ROWS` rows in both precisions. A step reads every weight to produce a few rows, and bf16
 kernels can cost more per call than the halved traffic saves: on the AMD EPYC of this project a
-float32 step of ``generate`` is ~1.5x faster than a bf16-autocast one at 1 row, ~1.3x slower at 16. :meth:`Choice.step_dtype` gives the
-step's precision for a batch (the measured size nearest in log scale); the encoder keeps bf16.
+float32 step of ``generate`` is ~1.5x faster than a bf16-autocast one at 1 row, ~1.3x slower at 16.
+:meth:`Choice.step_dtype` gives the step's precision for a batch (the measured size nearest in log
+scale); the encoder keeps bf16.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Choice:
     fp32_per_s: float | None = None
     bf16_per_s: float | None = None
     channels_last: bool = False
-    # the decode step's rows at which float32 measured faster than bf16 (a subset of STEP_ROWS)
+    # with bf16 chosen: the decode step's rows at which float32 measured faster (a subset of STEP_ROWS)
     step_fp32_rows: tuple[int, ...] = ()
 
     @property
@@ -77,13 +78,13 @@ class Choice:
         """The decode step's autocast dtype for ``rows`` rows (batch x beams): :attr:`dtype`, except
         float32 (None) where the float32 step measured faster at the measured size nearest to
         ``rows`` in log scale."""
-        if self.dtype is None or not self.step_fp32_rows:
+        if not self.step_fp32_rows:
             return self.dtype
         nearest = min(STEP_ROWS, key=lambda r: abs(math.log(r) - math.log(max(rows, 1))))
         return None if nearest in self.step_fp32_rows else self.dtype
 
     def _step_note(self) -> str:
-        if self.dtype is None or not self.step_fp32_rows:
+        if not self.step_fp32_rows:
             return ""
         return f"; decode step fp32 at {', '.join(map(str, self.step_fp32_rows))} row(s) (measured faster)"
 
@@ -104,7 +105,7 @@ class Choice:
         if self.bf16_per_s is not None:
             out["precision.bf16_per_s"] = f"{self.bf16_per_s:.3f}"
         out["precision.channels_last"] = str(self.channels_last).lower()
-        if self.dtype is not None and self.step_fp32_rows:
+        if self.step_fp32_rows:
             out["precision.step_fp32_rows"] = ",".join(map(str, self.step_fp32_rows))
         return out
 
@@ -156,7 +157,7 @@ def _choose(amp: str, device_type: str, forced: str, cache_file: str) -> Choice:
         m["fp32_per_s"],
         m["bf16_per_s"],
         channels_last=bf16 and bool(m["channels_last_bf16"]),
-        step_fp32_rows=_step_fp32_rows(m["step_ms"]) if amp == "auto" else (),
+        step_fp32_rows=_step_fp32_rows(m["step_ms"]) if bf16 and amp == "auto" else (),
     )
 
 
